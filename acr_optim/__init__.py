@@ -1,0 +1,25 @@
+"""acr-optim: robustness of neural networks to parameter corruption (Sun et al., AAAI 2021)."""
+
+from .corruption import (
+    LpCorruption,
+    NonFiniteGradientError,
+    first_order_gain,
+    gradient_corruption,
+    random_corruption,
+    top_n_indices,
+)
+from .optimizer import ACR
+from .penalty import penalized_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACR",
+    "LpCorruption",
+    "NonFiniteGradientError",
+    "first_order_gain",
+    "gradient_corruption",
+    "penalized_loss",
+    "random_corruption",
+    "top_n_indices",
+]

@@ -1,0 +1,290 @@
+"""Parameter-corruption maths of Sun et al., "Exploring the Vulnerability of Deep Neural
+Networks: A Study of Parameter Corruption" (AAAI 2021).
+
+A list of tensors is treated as one flat vector ``x`` (the parameters of a model, or a chosen
+subset).  The corruption constraint set is
+
+    S = {a : ||a||_p = eps, ||a||_0 <= n},   1 <= p <= inf,   n = None meaning "no L0 limit".
+
+With ``h = top_n(x)`` (the ``n`` entries of largest magnitude, others zero), ``p* = p/(p-1)``
+the dual exponent and ``q = 1/(p-1)``, the first-order optimal corruption (paper Eq. 10) is
+
+    a = eps * sgn(h) * |h|^q / || |h|^q ||_p  =  eps * sgn(h) * (|h| / ||h||_{p*})^q
+
+and its first-order loss increase is ``a.g = eps * ||h||_{p*}`` (Eq. 11).  Special cases:
+``p = 2``: ``eps * h / ||h||_2``; ``p = inf``: ``eps * sgn(h)``; ``p = 1``: all of ``eps`` on
+the single entry of largest ``|x|`` (the limit p -> 1).
+
+Everything here is a pure function of its inputs; the optimizer, the probes and the Trainer
+callback all build on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NonFiniteGradientError",
+    "LpCorruption",
+    "check_eps",
+    "check_n",
+    "check_p",
+    "dual_exponent",
+    "first_order_gain",
+    "gradient_corruption",
+    "random_corruption",
+    "top_n_indices",
+]
+
+INF = math.inf
+
+
+class NonFiniteGradientError(ValueError):
+    """The vector a corruption is built from contains inf or NaN."""
+
+
+def check_eps(eps: float, *, allow_zero: bool = False, name: str = "eps") -> float:
+    """Return ``eps`` as a float, or raise ``ValueError`` unless it is finite and > 0 (>= 0 if allowed)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(eps).__name__}")
+    lower_ok = eps >= 0 if allow_zero else eps > 0
+    if not (math.isfinite(eps) and lower_ok):
+        allowed = "finite and >= 0" if allow_zero else "finite and > 0"
+        raise ValueError(f"{name} must be {allowed}, got {eps!r}")
+    return float(eps)
+
+
+def check_p(p: float, name: str = "p") -> float:
+    """Return ``p`` as a float, or raise ``ValueError`` unless ``1 <= p <= inf``."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a real number in [1, inf], got {type(p).__name__}")
+    if math.isnan(p) or p < 1:
+        raise ValueError(f"{name} must satisfy 1 <= {name} <= inf, got {p!r}")
+    return float(p)
+
+
+def check_n(n: int | None, name: str = "n") -> int | None:
+    """Return ``n``, or raise unless it is None (no L0 limit) or a positive int."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be a positive int or None, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be a positive int (>= 1) or None, got {n!r}")
+    return n
+
+
+def dual_exponent(p: float) -> float:
+    """``p* = p / (p - 1)``, the exponent of the dual norm (``1* = inf``, ``inf* = 1``)."""
+    if p == 1:
+        return INF
+    if p == INF:
+        return 1.0
+    return p / (p - 1)
+
+
+def top_n_indices(tensors: Sequence[Tensor], n: int) -> list[Tensor]:
+    """Flat (row-major) indices of the ``n`` entries of largest magnitude over all ``tensors`` together.
+
+    Returns one int64 index tensor per input tensor (possibly empty), exactly ``min(n, total)``
+    indices in all; ties are broken by ``torch.topk``.  The selection runs tensor by tensor and
+    keeps a running top-n, so besides the output it holds at most ``2n`` candidates plus one
+    transient ``|t|`` for the tensor being scanned: no concatenated copy of all the tensors.
+    """
+    n = check_n(n)
+    best_val: Tensor | None = None  # running top-n magnitudes (float32)
+    best_src: Tensor | None = None  # which tensor each came from
+    best_idx: Tensor | None = None  # flat index inside that tensor
+    device = tensors[0].device if tensors else torch.device("cpu")
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        mag = t.detach().reshape(-1).abs()
+        val, idx = torch.topk(mag, min(n, mag.numel()), sorted=False)
+        val = val.to(device=device, dtype=torch.float32)
+        idx = idx.to(device)
+        src = torch.full_like(idx, i)
+        if best_val is not None:
+            val = torch.cat([best_val, val])
+            idx = torch.cat([best_idx, idx])
+            src = torch.cat([best_src, src])
+            if val.numel() > n:
+                keep = torch.topk(val, n, sorted=False).indices
+                val, idx, src = val[keep], idx[keep], src[keep]
+        best_val, best_idx, best_src = val, idx, src
+    out = []
+    for i, t in enumerate(tensors):
+        if best_src is None:
+            out.append(torch.empty(0, dtype=torch.long, device=t.device))
+        else:
+            out.append(torch.sort(best_idx[best_src == i]).values.to(t.device))
+    return out
+
+
+def _norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
+    """Global ``||x||_ord`` of the flat vector formed by ``tensors`` (float32, no rescaling)."""
+    device = tensors[0].device
+    per_tensor = torch._foreach_norm(list(tensors), ord, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack([v.to(device) for v in per_tensor]), ord)
+
+
+@dataclass(frozen=True)
+class LpCorruption:
+    """The closed form ``a = eps * sgn(h) * (|h| / ||h||_{p*})^(1/(p-1))`` planned on a vector ``h``.
+
+    ``plan`` computes the one global statistic ``D = ||h||_{p*}``, first directly and, if that
+    overflows or underflows float32, as ``m * ||h/m||_{p*}`` with ``m = max|h|``; ``D`` is kept as
+    the pair ``(inv_m, m_over_d)`` so ``|h|/D = |h| * inv_m * m_over_d`` never leaves float range.
+    """
+
+    eps: float
+    p: float
+    inv_m: float
+    m_over_d: float
+
+    @classmethod
+    def plan(cls, h: Sequence[Tensor], eps: float, p: float) -> LpCorruption | None:
+        """Plan the corruption of ``h``; ``None`` when ``h == 0``.
+
+        Raises :class:`NonFiniteGradientError` when ``h`` holds inf or NaN.  Costs one pass
+        over ``h`` and one host synchronisation (two passes when rescaling is needed).
+        """
+        h = [t for t in h if t.numel() > 0]
+        if not h:
+            return None
+        dual = dual_exponent(p)
+        d = _norms(h, dual).item()
+        if 0 < d < INF:
+            return cls(eps, p, 1.0, 1.0 / d)
+        m = _norms(h, INF).item()
+        if not math.isfinite(m):
+            raise NonFiniteGradientError("cannot build a corruption from a vector holding inf or NaN")
+        if m == 0:
+            return None
+        inv_m = 1.0 / m
+        d_over_m = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(t.float() * inv_m, dual).to(h[0].device) for t in h]), dual
+        ).item()
+        return cls(eps, p, inv_m, 1.0 / d_over_m)
+
+    @property
+    def dual_norm(self) -> float:
+        """``D = ||h||_{p*}`` (may be ``inf`` in Python floats only when h is near float32 max)."""
+        return 1.0 / (self.inv_m * self.m_over_d)
+
+    @property
+    def gain(self) -> float:
+        """First-order loss increase ``a.h = eps * ||h||_{p*}`` (paper Eq. 11)."""
+        return self.eps * self.dual_norm
+
+    def write_(self, out: Sequence[Tensor], h: Sequence[Tensor]) -> None:
+        """Overwrite ``out`` (same shapes as ``h``) with the corruption; ``out`` may alias nothing in ``h``."""
+        out, h = list(out), list(h)
+        torch._foreach_copy_(out, h)
+        if self.p == INF or self.p == 1:  # p = 1 only ever reaches here on a single selected entry
+            torch._foreach_sign_(out)
+            torch._foreach_mul_(out, self.eps)
+            return
+        if self.inv_m != 1.0:
+            torch._foreach_mul_(out, self.inv_m)
+        if self.p == 2:
+            torch._foreach_mul_(out, self.eps * self.m_over_d)
+            return
+        q = 1.0 / (self.p - 1.0)
+        torch._foreach_abs_(out)
+        torch._foreach_mul_(out, self.m_over_d)
+        torch._foreach_pow_(out, q)
+        torch._foreach_mul_(out, self.eps)
+        for o, t in zip(out, h):
+            torch.copysign(o, t, out=o)
+
+
+def _select(tensors: Sequence[Tensor], n: int | None, p: float) -> list[Tensor] | None:
+    """Flat indices of ``top_n`` (``p = 1`` keeps one entry), or ``None`` when every entry is kept."""
+    if p == 1:
+        n = 1
+    if n is None or n >= sum(t.numel() for t in tensors):
+        return None
+    return top_n_indices(tensors, n)
+
+
+def _gather(tensors: Sequence[Tensor], indices: Sequence[Tensor]) -> list[Tensor]:
+    return [t.detach().reshape(-1)[i] for t, i in zip(tensors, indices)]
+
+
+def gradient_corruption(grads: Sequence[Tensor], eps: float, p: float = 2, n: int | None = None) -> list[Tensor]:
+    """First-order optimal corruption ``a`` in ``S = {||a||_p = eps, ||a||_0 <= n}`` (paper Eq. 10).
+
+    ``a = eps * sgn(h) * |h|^(1/(p-1)) / || |h|^(1/(p-1)) ||_p`` with ``h = top_n(g)`` chosen
+    globally across all ``grads``.  Returns new tensors shaped like ``grads``.  A zero gradient
+    gives a zero corruption; a non-finite one raises :class:`NonFiniteGradientError`.
+
+    Memory: the output, plus for ``n < total`` the top-n selection of :func:`top_n_indices`.
+    """
+    eps, p, n = check_eps(eps), check_p(p), check_n(n)
+    grads = [g.detach() for g in grads]
+    out = [torch.zeros(g.shape, dtype=g.dtype, device=g.device) for g in grads]
+    indices = _select(grads, n, p)
+    h = grads if indices is None else _gather(grads, indices)
+    plan = LpCorruption.plan(h, eps, p)
+    if plan is None:
+        return out
+    if indices is None:
+        plan.write_(out, h)
+    else:
+        values = [torch.empty_like(v) for v in h]
+        plan.write_(values, h)
+        for o, i, v in zip(out, indices, values):
+            o.view(-1)[i] = v
+    return out
+
+
+def random_corruption(
+    like: Sequence[Tensor],
+    eps: float,
+    p: float = 2,
+    n: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """Random corruption (paper Eq. 5): the closed form of :func:`gradient_corruption` on ``r ~ N(0, I)``.
+
+    ``r`` has the shapes, dtypes and devices of ``like``; pass a seeded ``torch.Generator`` (on
+    the tensors' device) for reproducible draws.
+    """
+    eps, p, n = check_eps(eps), check_p(p), check_n(n)
+    r = [
+        torch.randn(t.shape, generator=generator, dtype=t.dtype if t.is_floating_point() else None, device=t.device)
+        for t in like
+    ]
+    return gradient_corruption(r, eps, p, n)
+
+
+def first_order_gain(grads: Sequence[Tensor], eps: float, p: float = 2, n: int | None = None) -> Tensor:
+    """``eps * ||top_n(g)||_{p/(p-1)}`` (paper Eq. 11): the first-order loss increase of the optimal corruption.
+
+    Differentiable in ``grads`` (the top-n selection is treated as fixed), so it also serves as
+    the penalty term of the first-order ACR objective.  Float32 0-d tensor.
+    """
+    eps, p, n = check_eps(eps), check_p(p), check_n(n)
+    grads = list(grads)
+    indices = _select([g.detach() for g in grads], n, p)
+    h = grads if indices is None else [g.reshape(-1)[i] for g, i in zip(grads, indices)]
+    h = [t for t in h if t.numel() > 0]
+    if not h:
+        return torch.zeros((), dtype=torch.float32)
+    dual = dual_exponent(p)
+    device = h[0].device
+    # Scale by max|h| so large dual exponents neither overflow nor underflow; max|h| is a
+    # constant factor, so the gradient is unchanged.
+    m = torch.stack([t.detach().abs().max().float().to(device) for t in h]).max()
+    if not torch.isfinite(m):
+        raise NonFiniteGradientError("cannot compute the gain of a vector holding inf or NaN")
+    if m == 0:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch.stack([torch.linalg.vector_norm(t.float().to(device) / m, dual) for t in h])
+    return eps * m * torch.linalg.vector_norm(norms, dual)

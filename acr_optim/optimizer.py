@@ -1,0 +1,342 @@
+"""``ACR``: adversarial corruption-resistant training as a wrapper around any torch optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .corruption import (
+    LpCorruption,
+    NonFiniteGradientError,
+    _gather,
+    _select,
+    check_eps,
+    check_n,
+    check_p,
+)
+
+__all__ = ["ACR", "check_alpha"]
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """Return ``alpha`` as a float, or raise ``ValueError`` unless ``0 <= alpha <= 1``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {type(alpha).__name__}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"{name} must satisfy 0 <= {name} <= 1, got {alpha!r}")
+    return float(alpha)
+
+
+@dataclass
+class _Pending:
+    """What :meth:`ACR.restore` must undo; never part of ``state_dict``."""
+
+    dense_params: list[Tensor] = field(default_factory=list)
+    dense_backups: list[Tensor] = field(default_factory=list)
+    sparse: list[tuple[Tensor, tuple[Tensor, ...], Tensor]] = field(default_factory=list)  # param, index, old values
+    grads: list[tuple[float, list[Tensor], list[Tensor]]] = field(default_factory=list)  # alpha, params, clean grads
+    gradless: list[Tensor] = field(default_factory=list)
+
+
+class ACR(Optimizer):
+    r"""Adversarial Corruption-Resistant training (Sun et al., AAAI 2021) around a base optimizer.
+
+    Each step minimises ``(1 - alpha) * L(w) + alpha * L(w + a(w))`` where ``a(w)`` is the
+    first-order worst-case corruption of :func:`~acr_optim.gradient_corruption` in
+    ``{||a||_p = eps, ||a||_0 <= n}``.  The update direction handed to the base optimizer is
+
+        (1 - alpha) * g(w) + alpha * g(w + a)
+
+    With ``alpha = 0`` this is the base optimizer bit for bit; with ``p = 2, alpha = 1, n = None``
+    it is SAM with ``rho = eps``.
+
+    ``ACR`` shares ``param_groups`` and ``state`` with ``base_optimizer``, so LR schedulers,
+    ``add_param_group`` and ``state_dict``/``load_state_dict`` act on both.  ``eps``, ``p``,
+    ``alpha`` and ``n`` may be overridden per param group; the constraint applies to each group's
+    parameters as one vector (with one group, the whole model).  ``eps = 0`` keeps a group
+    uncorrupted (it still receives the mixed gradient).  Parameters without a gradient are skipped.
+
+    Two ways to drive it:
+
+    * ``loss = opt.step(closure)``: the closure (forward + ``backward()``, returning the loss) is
+      called once for the clean pass and, when a corruption is applied, a second time at
+      ``w + a``; the returned loss is the clean one.  The closure must not reset gradients with
+      ``model.zero_grad()`` between the passes (``opt.zero_grad()`` is ignored while perturbed).
+    * Two-phase, for loops that run their own backward (AMP, accumulation, Trainer)::
+
+          loss.backward()                      # clean gradient in .grad
+          with opt.perturbed() as active:      # w <- w + a
+              if active:
+                  loss_fn(model(x), y).backward()  # corrupted gradient accumulates
+          opt.step()                           # weights restored exactly, mixed gradient, base step
+
+      ``perturb()``/``restore()`` are the same two halves as methods.
+
+    Memory: between perturb and restore, one backup of the corrupted parameters (dense groups)
+    or ``n`` indices and old values (top-n groups whose ``n`` makes that smaller); the clean
+    gradient stays in ``.grad``, pre-scaled by ``(1 - alpha)/alpha`` so the corrupted backward
+    accumulates onto it.  Dense backups are kept between steps to avoid re-allocation; they are
+    not part of ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        eps: float = 0.05,
+        p: float = 2.0,
+        alpha: float = 0.5,
+        n: int | None = None,
+    ) -> None:
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if isinstance(base_optimizer, ACR):
+            raise TypeError("base_optimizer is already an ACR optimizer")
+        defaults = {"eps": check_eps(eps), "p": check_p(p), "alpha": check_alpha(alpha), "n": check_n(n)}
+        self.base_optimizer = base_optimizer
+        self._pending: _Pending | None = None
+        self._corrupted_this_step = False
+        self._backups: dict[Tensor, Tensor] = {}
+        self.last_first_order_gain: float | None = None
+        super().__init__(base_optimizer.param_groups, defaults)
+        self.param_groups = base_optimizer.param_groups
+        self.state = base_optimizer.state
+
+    # -- param groups and state, shared with the base optimizer --------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        groups = self.base_optimizer.param_groups
+        if not any(g is param_group for g in groups):  # a new group rather than a base group being linked
+            self.base_optimizer.add_param_group(param_group)
+        for name, default in self.defaults.items():
+            param_group.setdefault(name, default)
+        self._check_group(param_group)
+        if self.param_groups is not groups:  # only while __init__ links the base groups
+            self.param_groups.append(param_group)
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        check_eps(group["eps"], allow_zero=True, name="param group eps")
+        check_p(group["p"], name="param group p")
+        check_alpha(group["alpha"], name="param group alpha")
+        check_n(group["n"], name="param group n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() while the weights are perturbed: call restore() first")
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for name, default in self.defaults.items():
+                group.setdefault(name, default)
+            self._check_group(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset gradients, except while perturbed: then ``.grad`` holds the clean gradient ACR mixes in."""
+        if self._pending is None:
+            self.base_optimizer.zero_grad(set_to_none)
+
+    # -- the virtual corruption step ------------------------------------------------------------
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between a successful :meth:`perturb` and :meth:`restore`."""
+        return self._pending is not None
+
+    def _backup(self, p: Tensor) -> Tensor:
+        buf = self._backups.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._backups[p] = torch.empty_like(p)
+        return buf
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """Move every corrupted group to ``w + a(g)`` with ``g`` the current ``.grad`` (the clean gradient).
+
+        Returns ``True`` when a corruption was applied: run the corrupted forward/backward
+        (gradients accumulate into ``.grad``), then :meth:`restore` or :meth:`step`.  Returns
+        ``False``, touching neither weights nor gradients, when there is nothing to do (every
+        ``alpha`` or ``eps`` is 0, zero gradients) or when the clean gradient is not finite (an
+        fp16 overflow: the step is left for ``GradScaler``/the base optimizer to handle as
+        without ACR); then skip the corrupted pass.
+
+        The corruption is invariant to a positive scaling of ``g``, so gradients scaled by a
+        ``GradScaler`` need no unscaling first.  Costs one pass over the gradients for the norm,
+        one host synchronisation per group, and a backup copy of the corrupted weights.
+        """
+        if self._pending is not None:
+            raise RuntimeError("perturb() called again before restore(): the weights are already perturbed")
+        self._corrupted_this_step = True
+        self.last_first_order_gain = None
+        plans = []
+        uses_corrupted_grad = False
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("ACR does not support sparse gradients")
+            uses_corrupted_grad |= group["alpha"] > 0
+            if group["eps"] == 0:
+                continue
+            grads = [p.grad for p in params]
+            indices = _select(grads, group["n"], group["p"])
+            h = grads if indices is None else _gather(grads, indices)
+            try:
+                plan = LpCorruption.plan(h, group["eps"], group["p"])
+            except NonFiniteGradientError:
+                return False
+            if plan is not None:
+                plans.append((params, indices, h, plan))
+        if not plans or not uses_corrupted_grad:
+            return False
+
+        pending = _Pending()
+        for params, indices, h, plan in plans:
+            itemsize = params[0].element_size()
+            if indices is None or sum(i.numel() for i in indices) * (8 + itemsize) > sum(
+                p.numel() * p.element_size() for p in params
+            ):
+                self._perturb_dense(pending, params, indices, h, plan)
+            else:
+                values = [torch.empty_like(v) for v in h]
+                plan.write_(values, h)
+                for p, i, v in zip(params, indices, values):
+                    if i.numel() == 0:
+                        continue
+                    index = torch.unravel_index(i, p.shape)
+                    old = p[index]
+                    p.index_put_(index, old + v)
+                    pending.sparse.append((p, index, old))
+        self._stash_clean_grads(pending)
+        self._pending = pending
+        self.last_first_order_gain = sum(plan.gain for *_, plan in plans)
+        return True
+
+    def _perturb_dense(
+        self,
+        pending: _Pending,
+        params: list[Tensor],
+        indices: list[Tensor] | None,
+        h: list[Tensor],
+        plan: LpCorruption,
+    ) -> None:
+        backups = [self._backup(p) for p in params]
+        torch._foreach_copy_(backups, params)
+        if indices is None:
+            plan.write_(params, h)  # params now hold a; the backup holds w
+            torch._foreach_add_(params, backups)
+        else:
+            values = [torch.empty_like(v) for v in h]
+            plan.write_(values, h)
+            for p, i, v in zip(params, indices, values):
+                p.index_put_(torch.unravel_index(i, p.shape), v, accumulate=True)
+        pending.dense_params += params
+        pending.dense_backups += backups
+
+    def _stash_clean_grads(self, pending: _Pending) -> None:
+        """Prepare ``.grad`` so the corrupted backward leaves ``(1-alpha)/alpha * g + g(w+a)`` there."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            pending.gradless += [p for p in group["params"] if p.grad is None and p.requires_grad]
+            if not params:
+                continue
+            alpha, grads = group["alpha"], [p.grad for p in params]
+            if alpha == 1:
+                torch._foreach_zero_(grads)
+            elif alpha == 0:
+                for p in params:
+                    p.grad = None
+            else:
+                torch._foreach_mul_(grads, (1 - alpha) / alpha)
+            pending.grads.append((alpha, params, grads))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the exact pre-corruption weights back and form ``(1-alpha) g(w) + alpha g(w+a)`` in ``.grad``.
+
+        A no-op when nothing is perturbed.  Raises ``RuntimeError`` (after restoring the weights)
+        if the gradients were reset between :meth:`perturb` and here.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.dense_params:
+            torch._foreach_copy_(pending.dense_params, pending.dense_backups)
+        for p, index, old in pending.sparse:
+            p.index_put_(index, old)
+        reset = False
+        for alpha, params, grads in pending.grads:
+            if alpha == 0:
+                for p, g in zip(params, grads):
+                    p.grad = g
+                continue
+            reset |= any(p.grad is not g for p, g in zip(params, grads))
+            if alpha != 1:
+                torch._foreach_mul_(grads, alpha)
+        for p in pending.gradless:
+            p.grad = None
+        if reset:
+            raise RuntimeError(
+                "gradients were reset between perturb() and restore() (model.zero_grad() inside the closure?): "
+                "the weights are restored but the gradients are not the ACR mixture; zero them and redo the step"
+            )
+
+    @contextmanager
+    def perturbed(self) -> Iterator[bool]:
+        """``with opt.perturbed() as active:``: :meth:`perturb` on entry, :meth:`restore` on exit (also on error)."""
+        active = self.perturb()
+        try:
+            yield active
+        finally:
+            self.restore()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One ACR step.
+
+        With a closure: clean pass (closure call 1), :meth:`perturb`, corrupted pass (closure
+        call 2, skipped when :meth:`perturb` returns False), :meth:`restore`, base step; returns
+        the clean loss.  Without one: :meth:`restore` if still perturbed, then the base step; it
+        requires :meth:`perturb` to have run since the last step unless no group needs a
+        corruption (all ``alpha`` or all ``eps`` zero).
+        """
+        if closure is None:
+            self.restore()
+            if not self._corrupted_this_step and self._needs_corruption():
+                raise TypeError(
+                    "ACR.step() needs a closure: pass step(closure) with a closure that runs forward and "
+                    "backward, or call perturb(), run the corrupted backward and restore() before step()"
+                )
+            loss = None
+        else:
+            if self._pending is not None:
+                raise RuntimeError("step(closure) while perturbed: call restore() first")
+            with torch.enable_grad():
+                loss = closure()
+            if self.perturb():
+                try:
+                    with torch.enable_grad():
+                        closure()
+                finally:
+                    self.restore()
+        self._corrupted_this_step = False
+        self.base_optimizer.step()
+        return loss
+
+    def _needs_corruption(self) -> bool:
+        groups = [g for g in self.param_groups if any(p.requires_grad for p in g["params"])]
+        return any(g["eps"] > 0 for g in groups) and any(g["alpha"] > 0 for g in groups)
+
+    def __repr__(self) -> str:
+        d = self.defaults
+        return f"ACR(eps={d['eps']}, p={d['p']}, alpha={d['alpha']}, n={d['n']}, base={self.base_optimizer!r})"
