@@ -126,10 +126,14 @@ def top_n_indices(tensors: Sequence[Tensor], n: int) -> list[Tensor]:
     return out
 
 
+def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
-    """Global ``||x||_ord`` of the flat vector formed by ``tensors`` (float32, no rescaling)."""
+    """Global ``||x||_ord`` of the flat vector formed by ``tensors`` (at least float32, no rescaling)."""
     device = tensors[0].device
-    per_tensor = torch._foreach_norm(list(tensors), ord, dtype=torch.float32)
+    per_tensor = torch._foreach_norm(list(tensors), ord, dtype=_accumulation_dtype(tensors))
     return torch.linalg.vector_norm(torch.stack([v.to(device) for v in per_tensor]), ord)
 
 
@@ -157,9 +161,13 @@ class LpCorruption:
         h = [t for t in h if t.numel() > 0]
         if not h:
             return None
-        dual = dual_exponent(p)
+        dual, acc = dual_exponent(p), _accumulation_dtype(h)
+        fin = torch.finfo(acc)
         d = _norms(h, dual).item()
-        if 0 < d < INF:
+        # Direct D is exact unless sum |h|^{p*} overflowed or its small terms fell below the normal
+        # range while they still mattered (relative loss < total * tiny / D^{p*}, kept below eps).
+        underflow_floor = math.log(sum(t.numel() for t in h) * fin.tiny / fin.eps)
+        if 0 < d < INF and (dual == INF or dual * math.log(d) > underflow_floor):
             return cls(eps, p, 1.0, 1.0 / d)
         m = _norms(h, INF).item()
         if not math.isfinite(m):
@@ -168,7 +176,7 @@ class LpCorruption:
             return None
         inv_m = 1.0 / m
         d_over_m = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(t.float() * inv_m, dual).to(h[0].device) for t in h]), dual
+            torch.stack([torch.linalg.vector_norm(t.to(acc) * inv_m, dual).to(h[0].device) for t in h]), dual
         ).item()
         return cls(eps, p, inv_m, 1.0 / d_over_m)
 
@@ -268,7 +276,7 @@ def first_order_gain(grads: Sequence[Tensor], eps: float, p: float = 2, n: int |
     """``eps * ||top_n(g)||_{p/(p-1)}`` (paper Eq. 11): the first-order loss increase of the optimal corruption.
 
     Differentiable in ``grads`` (the top-n selection is treated as fixed), so it also serves as
-    the penalty term of the first-order ACR objective.  Float32 0-d tensor.
+    the penalty term of the first-order ACR objective.  0-d tensor, float32 (float64 for float64 input).
     """
     eps, p, n = check_eps(eps), check_p(p), check_n(n)
     grads = list(grads)
@@ -277,14 +285,13 @@ def first_order_gain(grads: Sequence[Tensor], eps: float, p: float = 2, n: int |
     h = [t for t in h if t.numel() > 0]
     if not h:
         return torch.zeros((), dtype=torch.float32)
-    dual = dual_exponent(p)
-    device = h[0].device
+    dual, device, acc = dual_exponent(p), h[0].device, _accumulation_dtype(h)
     # Scale by max|h| so large dual exponents neither overflow nor underflow; max|h| is a
     # constant factor, so the gradient is unchanged.
-    m = torch.stack([t.detach().abs().max().float().to(device) for t in h]).max()
+    m = torch.stack([t.detach().abs().max().to(device, acc) for t in h]).max()
     if not torch.isfinite(m):
         raise NonFiniteGradientError("cannot compute the gain of a vector holding inf or NaN")
     if m == 0:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch.stack([torch.linalg.vector_norm(t.float().to(device) / m, dual) for t in h])
+        return torch.zeros((), dtype=acc, device=device)
+    norms = torch.stack([torch.linalg.vector_norm(t.to(device, acc) / m, dual) for t in h])
     return eps * m * torch.linalg.vector_norm(norms, dual)

@@ -33,13 +33,21 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     return float(alpha)
 
 
+def _put_(p: Tensor, flat_index: Tensor, values: Tensor, accumulate: bool = False) -> None:
+    """``p.flatten()[flat_index] = values`` (or ``+=``) in place, whatever the strides of ``p``."""
+    if p.is_contiguous():
+        p.view(-1).index_put_((flat_index,), values, accumulate=accumulate)
+    else:
+        p.index_put_(torch.unravel_index(flat_index, p.shape), values, accumulate=accumulate)
+
+
 @dataclass
 class _Pending:
     """What :meth:`ACR.restore` must undo; never part of ``state_dict``."""
 
     dense_params: list[Tensor] = field(default_factory=list)
     dense_backups: list[Tensor] = field(default_factory=list)
-    sparse: list[tuple[Tensor, tuple[Tensor, ...], Tensor]] = field(default_factory=list)  # param, index, old values
+    sparse: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # param, flat indices, old values
     grads: list[tuple[float, list[Tensor], list[Tensor]]] = field(default_factory=list)  # alpha, params, clean grads
     gradless: list[Tensor] = field(default_factory=list)
 
@@ -57,10 +65,12 @@ class ACR(Optimizer):
     it is SAM with ``rho = eps``.
 
     ``ACR`` shares ``param_groups`` and ``state`` with ``base_optimizer``, so LR schedulers,
-    ``add_param_group`` and ``state_dict``/``load_state_dict`` act on both.  ``eps``, ``p``,
-    ``alpha`` and ``n`` may be overridden per param group; the constraint applies to each group's
-    parameters as one vector (with one group, the whole model).  ``eps = 0`` keeps a group
-    uncorrupted (it still receives the mixed gradient).  Parameters without a gradient are skipped.
+    ``add_param_group`` and ``state_dict``/``load_state_dict`` act on both.  The settings live in
+    each param group as ``acr_eps``, ``acr_p``, ``acr_alpha`` and ``acr_n`` (prefixed, because
+    ``eps`` is already Adam's) and may be overridden per group; the constraint applies to each
+    group's parameters as one vector (with one group, the whole model).  ``acr_eps = 0`` keeps a
+    group uncorrupted (it still receives the mixed gradient).  Parameters without a gradient are
+    skipped.
 
     Two ways to drive it:
 
@@ -97,7 +107,7 @@ class ACR(Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, ACR):
             raise TypeError("base_optimizer is already an ACR optimizer")
-        defaults = {"eps": check_eps(eps), "p": check_p(p), "alpha": check_alpha(alpha), "n": check_n(n)}
+        defaults = {"acr_eps": check_eps(eps), "acr_p": check_p(p), "acr_alpha": check_alpha(alpha), "acr_n": check_n(n)}
         self.base_optimizer = base_optimizer
         self._pending: _Pending | None = None
         self._corrupted_this_step = False
@@ -121,10 +131,10 @@ class ACR(Optimizer):
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
-        check_eps(group["eps"], allow_zero=True, name="param group eps")
-        check_p(group["p"], name="param group p")
-        check_alpha(group["alpha"], name="param group alpha")
-        check_n(group["n"], name="param group n")
+        check_eps(group["acr_eps"], allow_zero=True, name="param group acr_eps")
+        check_p(group["acr_p"], name="param group acr_p")
+        check_alpha(group["acr_alpha"], name="param group acr_alpha")
+        check_n(group["acr_n"], name="param group acr_n")
 
     def state_dict(self) -> dict[str, Any]:
         return self.base_optimizer.state_dict()
@@ -151,6 +161,13 @@ class ACR(Optimizer):
     def is_perturbed(self) -> bool:
         """True between a successful :meth:`perturb` and :meth:`restore`."""
         return self._pending is not None
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes ACR holds beyond the base optimizer: dense backups plus, while perturbed, top-n indices and values."""
+        held = sum(b.numel() * b.element_size() for b in self._backups.values())
+        if self._pending is not None:
+            held += sum(i.numel() * i.element_size() + v.numel() * v.element_size() for _, i, v in self._pending.sparse)
+        return held
 
     def _backup(self, p: Tensor) -> Tensor:
         buf = self._backups.get(p)
@@ -185,14 +202,14 @@ class ACR(Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("ACR does not support sparse gradients")
-            uses_corrupted_grad |= group["alpha"] > 0
-            if group["eps"] == 0:
+            uses_corrupted_grad |= group["acr_alpha"] > 0
+            if group["acr_eps"] == 0:
                 continue
             grads = [p.grad for p in params]
-            indices = _select(grads, group["n"], group["p"])
+            indices = _select(grads, group["acr_n"], group["acr_p"])
             h = grads if indices is None else _gather(grads, indices)
             try:
-                plan = LpCorruption.plan(h, group["eps"], group["p"])
+                plan = LpCorruption.plan(h, group["acr_eps"], group["acr_p"])
             except NonFiniteGradientError:
                 return False
             if plan is not None:
@@ -213,10 +230,9 @@ class ACR(Optimizer):
                 for p, i, v in zip(params, indices, values):
                     if i.numel() == 0:
                         continue
-                    index = torch.unravel_index(i, p.shape)
-                    old = p[index]
-                    p.index_put_(index, old + v)
-                    pending.sparse.append((p, index, old))
+                    old = p.reshape(-1)[i]
+                    _put_(p, i, old + v)
+                    pending.sparse.append((p, i, old))
         self._stash_clean_grads(pending)
         self._pending = pending
         self.last_first_order_gain = sum(plan.gain for *_, plan in plans)
@@ -239,7 +255,7 @@ class ACR(Optimizer):
             values = [torch.empty_like(v) for v in h]
             plan.write_(values, h)
             for p, i, v in zip(params, indices, values):
-                p.index_put_(torch.unravel_index(i, p.shape), v, accumulate=True)
+                _put_(p, i, v, accumulate=True)
         pending.dense_params += params
         pending.dense_backups += backups
 
@@ -250,7 +266,7 @@ class ACR(Optimizer):
             pending.gradless += [p for p in group["params"] if p.grad is None and p.requires_grad]
             if not params:
                 continue
-            alpha, grads = group["alpha"], [p.grad for p in params]
+            alpha, grads = group["acr_alpha"], [p.grad for p in params]
             if alpha == 1:
                 torch._foreach_zero_(grads)
             elif alpha == 0:
@@ -273,7 +289,7 @@ class ACR(Optimizer):
         if pending.dense_params:
             torch._foreach_copy_(pending.dense_params, pending.dense_backups)
         for p, index, old in pending.sparse:
-            p.index_put_(index, old)
+            _put_(p, index, old)
         reset = False
         for alpha, params, grads in pending.grads:
             if alpha == 0:
@@ -335,8 +351,8 @@ class ACR(Optimizer):
 
     def _needs_corruption(self) -> bool:
         groups = [g for g in self.param_groups if any(p.requires_grad for p in g["params"])]
-        return any(g["eps"] > 0 for g in groups) and any(g["alpha"] > 0 for g in groups)
+        return any(g["acr_eps"] > 0 for g in groups) and any(g["acr_alpha"] > 0 for g in groups)
 
     def __repr__(self) -> str:
         d = self.defaults
-        return f"ACR(eps={d['eps']}, p={d['p']}, alpha={d['alpha']}, n={d['n']}, base={self.base_optimizer!r})"
+        return f"ACR(eps={d['acr_eps']}, p={d['acr_p']}, alpha={d['acr_alpha']}, n={d['acr_n']}, base={self.base_optimizer!r})"
