@@ -186,6 +186,11 @@ class LpCorruption:
         return 1.0 / (self.inv_m * self.m_over_d)
 
     @property
+    def linear_scale(self) -> float | None:
+        """``s`` with ``a = s * h`` when the corruption is linear in ``h`` (``p = 2``, no rescaling), else None."""
+        return self.eps * self.m_over_d if self.p == 2 and self.inv_m == 1.0 else None
+
+    @property
     def gain(self) -> float:
         """First-order loss increase ``a.h = eps * ||h||_{p*}`` (paper Eq. 11)."""
         return self.eps * self.dual_norm

@@ -62,7 +62,8 @@ class ACR(Optimizer):
         (1 - alpha) * g(w) + alpha * g(w + a)
 
     With ``alpha = 0`` this is the base optimizer bit for bit; with ``p = 2, alpha = 1, n = None``
-    it is SAM with ``rho = eps``.
+    it is SAM with ``rho = eps``.  ``interval = k`` amortizes the cost: only every ``k``-th step
+    is corrupted (two passes); the others are plain base steps with a single forward/backward.
 
     ``ACR`` shares ``param_groups`` and ``state`` with ``base_optimizer``, so LR schedulers,
     ``add_param_group`` and ``state_dict``/``load_state_dict`` act on both.  The settings live in
@@ -102,13 +103,19 @@ class ACR(Optimizer):
         p: float = 2.0,
         alpha: float = 0.5,
         n: int | None = None,
+        *,
+        interval: int = 1,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, ACR):
             raise TypeError("base_optimizer is already an ACR optimizer")
         defaults = {"acr_eps": check_eps(eps), "acr_p": check_p(p), "acr_alpha": check_alpha(alpha), "acr_n": check_n(n)}
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive int (1 = corrupt every step), got {interval!r}")
         self.base_optimizer = base_optimizer
+        self.interval = interval
+        self._steps = 0  # optimizer steps taken, to place the corrupting ones of interval > 1
         self._pending: _Pending | None = None
         self._corrupted_this_step = False
         self._backups: dict[Tensor, Tensor] = {}
@@ -137,11 +144,15 @@ class ACR(Optimizer):
         check_n(group["acr_n"], name="param group acr_n")
 
     def state_dict(self) -> dict[str, Any]:
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state dict (its groups carry the ``acr_*`` settings) plus ACR's step count."""
+        return {**self.base_optimizer.state_dict(), "acr": {"steps": self._steps}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the bare base optimizer (ACR settings then come from ``__init__``)."""
         if self._pending is not None:
             raise RuntimeError("load_state_dict() while the weights are perturbed: call restore() first")
+        state_dict = dict(state_dict)
+        self._steps = state_dict.pop("acr", {}).get("steps", 0)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -156,6 +167,11 @@ class ACR(Optimizer):
             self.base_optimizer.zero_grad(set_to_none)
 
     # -- the virtual corruption step ------------------------------------------------------------
+
+    @property
+    def corrupts_this_step(self) -> bool:
+        """Whether this step is a corrupting one: every step for ``interval = 1``, else every ``interval``-th."""
+        return self._steps % self.interval == 0
 
     @property
     def is_perturbed(self) -> bool:
@@ -182,9 +198,9 @@ class ACR(Optimizer):
         Returns ``True`` when a corruption was applied: run the corrupted forward/backward
         (gradients accumulate into ``.grad``), then :meth:`restore` or :meth:`step`.  Returns
         ``False``, touching neither weights nor gradients, when there is nothing to do (every
-        ``alpha`` or ``eps`` is 0, zero gradients) or when the clean gradient is not finite (an
-        fp16 overflow: the step is left for ``GradScaler``/the base optimizer to handle as
-        without ACR); then skip the corrupted pass.
+        ``alpha`` or ``eps`` is 0, zero gradients, a non-corrupting step of ``interval > 1``)
+        or when the clean gradient is not finite (an fp16 overflow: the step is left for
+        ``GradScaler``/the base optimizer to handle as without ACR); then skip the corrupted pass.
 
         The corruption is invariant to a positive scaling of ``g``, so gradients scaled by a
         ``GradScaler`` need no unscaling first.  Costs one pass over the gradients for the norm,
@@ -194,6 +210,8 @@ class ACR(Optimizer):
             raise RuntimeError("perturb() called again before restore(): the weights are already perturbed")
         self._corrupted_this_step = True
         self.last_first_order_gain = None
+        if not self.corrupts_this_step:
+            return False
         plans = []
         uses_corrupted_grad = False
         for group in self.param_groups:
@@ -248,7 +266,9 @@ class ACR(Optimizer):
     ) -> None:
         backups = [self._backup(p) for p in params]
         torch._foreach_copy_(backups, params)
-        if indices is None:
+        if indices is None and plan.linear_scale is not None:
+            torch._foreach_add_(params, h, alpha=plan.linear_scale)
+        elif indices is None:
             plan.write_(params, h)  # params now hold a; the backup holds w
             torch._foreach_add_(params, backups)
         else:
@@ -321,14 +341,14 @@ class ACR(Optimizer):
         """One ACR step.
 
         With a closure: clean pass (closure call 1), :meth:`perturb`, corrupted pass (closure
-        call 2, skipped when :meth:`perturb` returns False), :meth:`restore`, base step; returns
-        the clean loss.  Without one: :meth:`restore` if still perturbed, then the base step; it
+        call 2, skipped when :meth:`perturb` returns False, e.g. on the non-corrupting steps of
+        ``interval > 1``), :meth:`restore`, base step; returns the clean loss.  Without one: :meth:`restore` if still perturbed, then the base step; it
         requires :meth:`perturb` to have run since the last step unless no group needs a
         corruption (all ``alpha`` or all ``eps`` zero).
         """
         if closure is None:
             self.restore()
-            if not self._corrupted_this_step and self._needs_corruption():
+            if not self._corrupted_this_step and self.corrupts_this_step and self._needs_corruption():
                 raise TypeError(
                     "ACR.step() needs a closure: pass step(closure) with a closure that runs forward and "
                     "backward, or call perturb(), run the corrupted backward and restore() before step()"
@@ -346,6 +366,7 @@ class ACR(Optimizer):
                 finally:
                     self.restore()
         self._corrupted_this_step = False
+        self._steps += 1
         self.base_optimizer.step()
         return loss
 
@@ -355,4 +376,7 @@ class ACR(Optimizer):
 
     def __repr__(self) -> str:
         d = self.defaults
-        return f"ACR(eps={d['acr_eps']}, p={d['acr_p']}, alpha={d['acr_alpha']}, n={d['acr_n']}, base={self.base_optimizer!r})"
+        return (
+            f"ACR(eps={d['acr_eps']}, p={d['acr_p']}, alpha={d['acr_alpha']}, n={d['acr_n']}, "
+            f"interval={self.interval}, base={self.base_optimizer!r})"
+        )
