@@ -1,0 +1,294 @@
+"""``acr-probe``: measure how fragile a trained model's parameters are, per group, over eps/n grids.
+
+Writes to ``--output-dir``: ``probe.csv``, ``probe.md``, ``report.json`` (config + rows),
+``heatmap_<method>.png`` (group x eps of the loss increase), ``curve.png`` (metric vs eps per
+method, paper Figure 3) and, with ``--save-corruptions``, ``corruptions.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TASKS = ("causal-lm", "seq2seq", "classification")
+METRICS = ("auto", "perplexity", "accuracy", "token-accuracy", "bleu", "none")
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _n_value(text: str) -> int | None:
+    if text.lower() in ("all", "none"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"n must be a positive int or 'all', got {text!r}")
+    return value
+
+
+def _regex_pair(text: str) -> tuple[str, str]:
+    pattern, sep, group = text.rpartition("=")
+    if not sep or not pattern or not group:
+        raise argparse.ArgumentTypeError(f"--group-regex takes PATTERN=GROUP, got {text!r}")
+    return pattern, group
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acr-probe",
+        description="Probe the vulnerability of a model's parameters to corruption (Sun et al., AAAI 2021): "
+        "measure the loss increase L(w+a)-L(w) for gradient-based (worst-case, first order), random or PGD "
+        "corruptions a with ||a||_p = eps and at most n non-zero entries, one parameter group at a time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
+    model.add_argument("--tokenizer", help="tokenizer folder or hub id (default: --model)")
+    model.add_argument("--task", required=True, choices=TASKS, help="model head / loss to load and evaluate")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="allow custom modelling code from the model repository (off: only trusted classes)")
+    model.add_argument("--revision", help="hub revision (branch, tag or commit) of the model")
+    model.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                       help="parameter dtype to probe in (bf16/fp16 may round small corruptions away: a warning says so)")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, nargs="+",
+                      help="a `datasets` hub name, local .txt/.json/.jsonl/.csv files (optionally .gz), "
+                      "or a folder written by Dataset.save_to_disk (tokenised data is used as is)")
+    data.add_argument("--data-config", help="dataset configuration name (hub datasets)")
+    data.add_argument("--split", default="test", help="split of a hub dataset or a saved DatasetDict")
+    data.add_argument("--target-data", nargs="+",
+                      help="seq2seq from parallel text files: target-side files, line-aligned with --data")
+    data.add_argument("--text-column", default="text", help="input text column (seq2seq source, classification text)")
+    data.add_argument("--text-pair-column", help="second text column for sentence-pair classification")
+    data.add_argument("--target-column", default="target", help="seq2seq target text column")
+    data.add_argument("--label-column", default="label", help="classification label column")
+    data.add_argument("--max-samples", type=int, default=256,
+                      help="examples to use (causal-lm: blocks of --max-length tokens)")
+    data.add_argument("--max-length", type=int, default=128, help="tokens per example (truncation / block size)")
+    data.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+
+    corruption = parser.add_argument_group("corruption")
+    corruption.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.1, 1.0],
+                            help="grid of corruption norms ||a||_p")
+    corruption.add_argument("--n", type=_n_value, nargs="+", default=[None],
+                            help="grid of L0 limits (max corrupted entries per group); 'all' = no limit")
+    corruption.add_argument("--p", type=float, default=2.0, help="norm order, 1 <= p <= inf ('inf' accepted)")
+    corruption.add_argument("--methods", nargs="+", default=["gradient", "random"],
+                            choices=("gradient", "random", "pgd"), help="corruption methods")
+    corruption.add_argument("--trials", type=int, default=5, help="random draws per row (random method)")
+    corruption.add_argument("--steps", type=int, default=10, help="ascent steps (pgd)")
+    corruption.add_argument("--step-size", type=float, default=0.5, help="relative ascent step (pgd)")
+    corruption.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    corruption.add_argument("--by", default="type", choices=("type", "layer", "all"),
+                            help="parameter grouping (by module type or by layer/block)")
+    corruption.add_argument("--group-regex", type=_regex_pair, action="append", metavar="PATTERN=GROUP",
+                            help="custom grouping instead of --by (repeatable, first match wins; unmatched "
+                            "parameters are not probed)")
+    corruption.add_argument("--no-all", action="store_true", help="do not add the 'all parameters' group")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", required=True, type=Path, help="folder for table, figures and report")
+    output.add_argument("--metric", default="auto", choices=METRICS,
+                        help="metric before/under corruption; auto: perplexity (causal-lm), accuracy "
+                        "(classification), token-accuracy (seq2seq)")
+    output.add_argument("--save-corruptions", action="store_true",
+                        help="also write every applied corruption to corruptions.safetensors")
+    output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _load_rows(args: argparse.Namespace) -> Any:
+    import datasets
+
+    first = Path(args.data[0])
+    if first.is_dir():
+        loaded = datasets.load_from_disk(str(first))
+        return loaded[args.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if first.is_file():
+        rows = _load_files(args.data)
+        if args.target_data:
+            targets = _load_files(args.target_data)
+            if len(targets) != len(rows):
+                raise SystemExit(f"--target-data has {len(targets)} lines, --data {len(rows)}: they must be aligned")
+            return datasets.Dataset.from_dict({args.text_column: rows["text"], args.target_column: targets["text"]})
+        return rows
+    return datasets.load_dataset(args.data[0], args.data_config, split=args.split)
+
+
+def _load_files(files: Sequence[str]) -> Any:
+    import datasets
+
+    suffixes = set()
+    for f in files:
+        path = Path(f)
+        suffix = path.suffixes[-2] if path.suffix in _COMPRESSION and len(path.suffixes) > 1 else path.suffix
+        if suffix not in _BUILDERS:
+            raise SystemExit(f"--data file {f!r}: expected one of {sorted(_BUILDERS)} (optionally compressed)")
+        suffixes.add(_BUILDERS[suffix])
+    if len(suffixes) != 1:
+        raise SystemExit("--data files must all be of one kind (text, json or csv)")
+    return datasets.load_dataset(suffixes.pop(), data_files=list(files), split="train")
+
+
+def _causal_blocks(rows: Any, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, list[int]]]:
+    """Concatenate the text rows (newline-joined) and cut ``--max-samples`` blocks of ``--max-length`` tokens."""
+    ids: list[int] = []
+    need = args.max_samples * args.max_length
+    for start in range(0, len(rows), 1000):
+        ids += tokenizer("\n".join(rows[start : start + 1000][args.text_column]))["input_ids"]
+        if len(ids) >= need:
+            break
+    blocks = [ids[i : i + args.max_length] for i in range(0, len(ids) - args.max_length + 1, args.max_length)]
+    return [{"input_ids": b} for b in blocks[: args.max_samples]]
+
+
+def _examples(rows: Any, tokenizer: Any, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = rows.select(range(min(len(rows), args.max_samples))) if args.task != "causal-lm" else rows
+    if "input_ids" in rows.column_names:  # tokenised (save_to_disk): used as is, truncated
+        keep = [c for c in rows.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "labels", "label")]
+        out = [{k: row[k] for k in keep} for row in rows.select(range(min(len(rows), args.max_samples)))]
+        for ex in out:
+            for k in ("input_ids", "attention_mask", "token_type_ids"):
+                if k in ex:
+                    ex[k] = ex[k][: args.max_length]
+        return out
+    if args.task == "causal-lm":
+        return _causal_blocks(rows, tokenizer, args)
+    if args.task == "seq2seq":
+        enc = tokenizer(rows[args.text_column], text_target=rows[args.target_column],
+                        max_length=args.max_length, truncation=True)
+        return [{k: enc[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(rows))]
+    texts = [rows[args.text_column]] + ([rows[args.text_pair_column]] if args.text_pair_column else [])
+    enc = tokenizer(*texts, max_length=args.max_length, truncation=True)
+    labels = rows[args.label_column]
+    if labels and isinstance(labels[0], str):
+        label2id = model.config.label2id
+        missing = sorted(set(labels) - set(label2id))
+        if missing:
+            raise SystemExit(f"labels {missing[:5]} are not in the model's config.label2id {label2id}")
+        labels = [label2id[label] for label in labels]
+    return [{**{k: enc[k][i] for k in enc}, "labels": labels[i]} for i in range(len(rows))]
+
+
+def _collator(tokenizer: Any, model: Any, task: str) -> Any:
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task == "causal-lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    if task == "seq2seq":
+        return DataCollatorForSeq2Seq(tokenizer, model=model)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def _metric_fn(name: str, task: str, tokenizer: Any, max_length: int) -> Any:
+    from acr_optim.probe import metrics
+
+    if name == "auto":
+        name = {"causal-lm": "perplexity", "classification": "accuracy", "seq2seq": "token-accuracy"}[task]
+    return {
+        "none": None,
+        "perplexity": metrics.perplexity,
+        "accuracy": metrics.accuracy,
+        "token-accuracy": metrics.token_accuracy(shift=task == "causal-lm"),
+        "bleu": metrics.bleu(tokenizer, max_new_tokens=max_length) if name == "bleu" else None,
+    }[name]
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    cls = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+           "classification": AutoModelForSequenceClassification}[args.task]
+    common = {"trust_remote_code": args.trust_remote_code, "revision": args.revision}
+    model = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype], **common).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **common)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("max_samples", "max_length", "batch_size", "trials"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.target_data and args.task != "seq2seq":
+        parser.error("--target-data only applies to --task seq2seq")
+    if args.metric == "bleu" and args.task != "seq2seq":
+        parser.error("--metric bleu needs --task seq2seq")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``acr-probe`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+
+    from safetensors.torch import save_file
+
+    import acr_optim
+    from acr_optim.probe import probe
+
+    model, tokenizer = _load_model(args)
+    rows = _load_rows(args)
+    examples = _examples(rows, tokenizer, model, args)
+    if not examples:
+        raise SystemExit("the data yields no examples (too short for --max-length?)")
+    collate = _collator(tokenizer, model, args.task)
+    device = torch.device(args.device)
+    batches = [
+        {k: v.to(device) for k, v in collate(examples[i : i + args.batch_size]).items()}
+        for i in range(0, len(examples), args.batch_size)
+    ]
+    saved: dict[str, torch.Tensor] = {}
+
+    def keep(row: dict[str, Any], a: dict[str, torch.Tensor]) -> None:
+        n = "all" if row["n"] is None else row["n"]
+        prefix = f"{row['group']}/{row['method']}/eps={row['eps']:g}/n={n}"
+        saved.update({f"{prefix}/{name}": t.detach().cpu().contiguous() for name, t in a.items()})
+
+    table = probe(
+        model, batches, eps=args.eps, p=args.p, n=args.n, method=args.methods,
+        by=args.group_regex or args.by, include_all=not args.no_all,
+        metric_fn=_metric_fn(args.metric, args.task, tokenizer, args.max_length),
+        trials=args.trials, seed=args.seed, steps=args.steps, step_size=args.step_size,
+        progress=not args.no_progress, on_corruption=keep if args.save_corruptions else None, model_name=args.model,
+    )
+    table.config.update(
+        task=args.task, data=" ".join(args.data), split=args.split, num_examples=len(examples),
+        num_tokens=sum(len(ex["input_ids"]) for ex in examples), max_length=args.max_length,
+        batch_size=args.batch_size, device=str(device), acr_optim=acr_optim.__version__,
+    )
+    if args.target_data:
+        table.config["target_data"] = " ".join(args.target_data)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "probe.csv")
+    table.to_markdown(out / "probe.md")
+    table.to_json(out / "report.json")
+    for method in args.methods:
+        table.heatmap(out / f"heatmap_{method}.png", method=method)
+    metric = next((c[: -len("_clean")] for c in table.columns if c.endswith("_clean") and c != "loss_clean"), "loss")
+    table.curve(out / "curve.png", value=metric)
+    if saved:
+        save_file(saved, str(out / "corruptions.safetensors"), metadata={"config": json.dumps(table.config)})
+    worst = max(table.select(method=args.methods[0]), key=lambda r: r["delta_loss"] if math.isfinite(r["delta_loss"]) else -1)
+    print(f"wrote {out}: {len(table.rows)} rows; largest {args.methods[0]} loss increase "
+          f"{worst['delta_loss']:.4g} (group {worst['group']}, eps {worst['eps']:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Tidy probe tables (CSV / JSON / Markdown, config embedded) and their figures (matplotlib PNGs)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ProbeTable"]
+
+PathLike = str | Path
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@dataclass
+class ProbeTable:
+    """One row per (group, method, n, eps) with the run's ``config``.
+
+    CSV rows carry the config scalars (model, p, seed, ...) as extra columns so every file is
+    self-describing; JSON holds ``{"config": ..., "rows": [...]}``; Markdown lists the config
+    above the table.  ``n = None`` (no L0 limit) is written as an empty CSV cell / ``all``.
+    """
+
+    rows: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            seen.update(dict.fromkeys(row))
+        return list(seen)
+
+    def select(self, **where: Any) -> list[dict[str, Any]]:
+        """Rows whose columns equal every ``where`` value."""
+        return [row for row in self.rows if all(row.get(k) == v for k, v in where.items())]
+
+    def to_json(self, path: PathLike | None = None) -> str:
+        text = json.dumps({"config": self.config, "rows": self.rows}, indent=2, allow_nan=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path: PathLike) -> ProbeTable:
+        data = json.loads(Path(path).read_text())
+        return cls(rows=data["rows"], config=data["config"])
+
+    def to_csv(self, path: PathLike | None = None) -> str:
+        scalars = {k: v for k, v in self.config.items() if not isinstance(v, (list, dict)) and k not in self.columns}
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.columns + list(scalars), lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({**{k: "" if v is None else v for k, v in row.items()}, **scalars})
+        if path is not None:
+            Path(path).write_text(out.getvalue())
+        return out.getvalue()
+
+    def to_markdown(self, path: PathLike | None = None, columns: Sequence[str] | None = None) -> str:
+        cols = list(columns) if columns is not None else self.columns
+        lines = [f"- **{k}**: {_fmt(v) if not isinstance(v, list) else ', '.join(_fmt(x) or 'all' for x in v)}"
+                 for k, v in self.config.items()]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for row in self.rows:
+            cells = [("all" if k == "n" and row.get(k) is None else _fmt(row.get(k))) for k in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def _default(self, key: str) -> Any:
+        return self.rows[0][key] if self.rows else None
+
+    def heatmap(self, path: PathLike, value: str = "delta_loss", method: str | None = None,
+                n: int | None | str = "first", title: str | None = None) -> None:
+        """Group x eps heatmap of ``value`` (warmer = larger = worse) for one method and ``n``.
+
+        Log colour scale when every value is positive.  ``method``/``n`` default to the first row's.
+        """
+        from matplotlib.colors import LogNorm, Normalize
+        from matplotlib.figure import Figure
+
+        method = method or self._default("method")
+        n = self._default("n") if n == "first" else n
+        rows = self.select(method=method, n=n)
+        if not rows:
+            raise ValueError(f"no rows with method={method!r} and n={n!r}")
+        groups = list(dict.fromkeys(r["group"] for r in rows))
+        eps = sorted({r["eps"] for r in rows})
+        grid = [[math.nan] * len(eps) for _ in groups]
+        for r in rows:
+            grid[groups.index(r["group"])][eps.index(r["eps"])] = r[value]
+        finite = [v for line in grid for v in line if math.isfinite(v)]
+        norm = LogNorm() if finite and min(finite) > 0 else Normalize()
+        fig = Figure(figsize=(1.1 * len(eps) + 2.5, 0.45 * len(groups) + 1.6), layout="constrained")
+        ax = fig.add_subplot()
+        image = ax.imshow(grid, cmap="YlOrRd", norm=norm, aspect="auto")
+        ax.set_xticks(range(len(eps)), [f"{e:g}" for e in eps])
+        ax.set_yticks(range(len(groups)), groups)
+        ax.set_xlabel("eps")
+        for i, line in enumerate(grid):
+            for j, v in enumerate(line):
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7)
+        fig.colorbar(image, ax=ax, label=value)
+        n_text = "all" if n is None else n
+        ax.set_title(title or f"{value}: {method}, p={_fmt(self._default('p'))}, n={n_text}", fontsize=9)
+        fig.savefig(path, dpi=120)
+
+    def curve(self, path: PathLike, value: str = "loss", group: str | None = None, n: int | None | str = "first",
+              title: str | None = None) -> None:
+        """``value`` vs eps (log x), one line per method for ``group`` (default ``"all"`` or the first group),
+        with the clean value dashed and, for ``value="loss"``, random's +-1 std band (paper Figure 3)."""
+        from matplotlib.figure import Figure
+
+        groups = list(dict.fromkeys(r["group"] for r in self.rows))
+        group = group or ("all" if "all" in groups else groups[0])
+        n = self._default("n") if n == "first" else n
+        rows = self.select(group=group, n=n)
+        if not rows:
+            raise ValueError(f"no rows with group={group!r} and n={n!r}")
+        fig = Figure(figsize=(5, 3.4), layout="constrained")
+        ax = fig.add_subplot()
+        for method in dict.fromkeys(r["method"] for r in rows):
+            line = sorted((r for r in rows if r["method"] == method), key=lambda r: r["eps"])
+            xs, ys = [r["eps"] for r in line], [r[value] for r in line]
+            (handle,) = ax.plot(xs, ys, marker="o", label=method)
+            if value == "loss" and any(r["delta_loss_std"] for r in line):
+                std = [r["delta_loss_std"] for r in line]
+                ax.fill_between(xs, [y - s for y, s in zip(ys, std)], [y + s for y, s in zip(ys, std)],
+                                color=handle.get_color(), alpha=0.2)
+        clean = f"{value}_clean" if f"{value}_clean" in rows[0] else "loss_clean" if value == "loss" else None
+        if clean is not None:
+            ax.axhline(rows[0][clean], color="grey", linestyle="--", label="clean")
+        ax.set_xscale("log")
+        ax.set_xlabel("eps")
+        ax.set_ylabel(value)
+        ax.legend()
+        n_text = "all" if n is None else n
+        ax.set_title(title or f"{group}: p={_fmt(self._default('p'))}, n={n_text}", fontsize=9)
+        fig.savefig(path, dpi=120)
