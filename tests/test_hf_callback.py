@@ -1,0 +1,254 @@
+"""ACRCallback inside the Hugging Face Trainer: equivalence with a hand-written ACR loop, gradient
+accumulation, clipping, exact alpha = 0 and resume, dropout masks, mixed precision, logs, errors."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    MarianConfig,
+    MarianMTModel,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainingArguments,
+)
+
+from acr_optim import ACR  # noqa: E402
+from acr_optim.integrations import hf  # noqa: E402
+from acr_optim.integrations.hf import ACRCallback  # noqa: E402
+
+VOCAB, LENGTH, ROWS = 64, 12, 32
+ACR_KEYS = {"acr/corrupted_loss", "acr/loss_gap", "acr/corruption_norm", "acr/first_order_gain"}
+
+
+def make_model(dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    model = GPT2LMHeadModel(config)
+    # transformers derives loss_type from the class name, which "GPT2LMHeadModel" does not match; without it the
+    # Trainer counts num_items_in_batch over unshifted labels while the loss averages over shifted ones
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def make_dataset(masked=True):
+    """Token rows; with ``masked`` some labels are -100, so ``num_items_in_batch`` differs between micro-batches."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (ROWS, LENGTH), generator=gen)
+    labels = ids.clone()
+    if masked:
+        labels[torch.rand(ROWS, LENGTH, generator=gen) < 0.3] = -100
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def make_args(tmp_path, cls=TrainingArguments, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0,
+    )
+    return cls(**{**defaults, **kwargs})
+
+
+def train(tmp_path, model, optimizer=None, callback=None, **kwargs):
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path, **kwargs), train_dataset=make_dataset(),
+        optimizers=(optimizer, None), callbacks=[] if callback is None else [callback],
+    )
+    trainer.train()
+    return trainer
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_close(a, b, **tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **tol)
+
+
+def hand_written_acr(model, optimizer, dataset, rows_per_step, steps, max_grad_norm=0.0):
+    """The reference: one ACR step per ``rows_per_step`` rows, loss = mean over the step's labelled tokens."""
+    ids, labels = torch.tensor(dataset["input_ids"]), torch.tensor(dataset["labels"])
+    model.train()
+    for step in range(steps):
+        batch = {"input_ids": ids[step * rows_per_step : (step + 1) * rows_per_step]}
+        batch["labels"] = labels[step * rows_per_step : (step + 1) * rows_per_step]
+        model(**batch).loss.backward()
+        with optimizer.perturbed() as active:
+            assert active
+            model(**batch).loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])
+def test_trainer_matches_hand_written_acr_loop(tmp_path, max_grad_norm):
+    """2 micro-batches of 4 with num_items_in_batch normalisation, clipping of the mixed gradient."""
+    trainer_model, loop_model = make_model(), make_model()
+    optimizer = ACR(torch.optim.SGD(trainer_model.parameters(), lr=0.5), eps=0.05, alpha=0.5)
+    trainer = train(tmp_path, trainer_model, optimizer, ACRCallback(), max_grad_norm=max_grad_norm)
+    reference = ACR(torch.optim.SGD(loop_model.parameters(), lr=0.5), eps=0.05, alpha=0.5)
+    hand_written_acr(loop_model, reference, make_dataset(), rows_per_step=8, steps=3, max_grad_norm=max_grad_norm)
+    assert_close(weights(trainer_model), weights(loop_model), rtol=1e-5, atol=1e-6)
+    if max_grad_norm:  # clipped, so SGD moved each step by exactly lr * max_grad_norm
+        assert trainer.state.log_history[0]["grad_norm"] > max_grad_norm
+
+
+def test_gradient_accumulation_2x4_equals_1x8(tmp_path):
+    runs = []
+    for batch, accumulation in [(4, 2), (8, 1)]:
+        model = make_model()
+        optimizer = ACR(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), eps=0.1, p=2, alpha=0.7, n=500)
+        trainer = train(
+            tmp_path / str(batch), model, optimizer, ACRCallback(),
+            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_grad_norm=1.0,
+        )
+        runs.append((weights(model), trainer.state.log_history))
+    (w_ga, logs_ga), (w_full, logs_full) = runs
+    assert_close(w_ga, w_full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(logs_ga[:-1], logs_full[:-1]):
+        for key in ACR_KEYS | {"loss"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
+
+
+def test_alpha_zero_is_bitwise_the_plain_trainer(tmp_path):
+    """With dropout, accumulation, clipping and the default linear schedule; both ways of giving the optimizer."""
+    settings = dict(gradient_accumulation_steps=2, max_grad_norm=1.0, lr_scheduler_type="linear",
+                    train_sampling_strategy="random", weight_decay=0.1)
+    plain = make_model(dropout=0.1)
+    train(tmp_path / "plain", plain, **settings)
+    rng_after_plain = torch.get_rng_state()
+
+    wrapped = make_model(dropout=0.1)
+    train(tmp_path / "wrapped", wrapped, callback=ACRCallback(eps=0.1, alpha=0.0), **settings)
+    assert torch.equal(torch.get_rng_state(), rng_after_plain)
+
+    for a, b in zip(weights(plain), weights(wrapped)):
+        assert torch.equal(a, b)
+
+    plain, given = make_model(dropout=0.1), make_model(dropout=0.1)
+    train(tmp_path / "plain_given", plain, torch.optim.Adam(plain.parameters(), lr=1e-2), **settings)
+    base = torch.optim.Adam(given.parameters(), lr=1e-2)
+    train(tmp_path / "given", given, ACR(base, eps=0.1, alpha=0.0), ACRCallback(), **settings)
+    for a, b in zip(weights(plain), weights(given)):
+        assert torch.equal(a, b)
+
+
+def test_corrupted_pass_sees_the_clean_dropout_masks_and_rng_continues(tmp_path):
+    """With a tiny eps the corrupted loss equals the clean one to first order only if the masks match."""
+    model = make_model(dropout=0.5)
+    optimizer = ACR(torch.optim.SGD(model.parameters(), lr=0.1), eps=1e-4, alpha=1.0)
+    trainer = train(tmp_path, model, optimizer, ACRCallback(), max_steps=2)
+    rng_after_acr = torch.get_rng_state()
+    for log in trainer.state.log_history[:-1]:
+        assert 0 < log["acr/loss_gap"] == pytest.approx(log["acr/first_order_gain"], rel=0.05)
+    plain = make_model(dropout=0.5)
+    train(tmp_path / "plain", plain, torch.optim.SGD(plain.parameters(), lr=0.1), max_steps=2)
+    assert torch.equal(torch.get_rng_state(), rng_after_acr)  # dropout draws continue as without ACR
+
+
+def test_resume_from_checkpoint_continues_identically(tmp_path):
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, train_sampling_strategy="random",
+                    lr_scheduler_type="linear", max_grad_norm=1.0)
+
+    def run(out, resume=None):
+        model = make_model(dropout=0.1)
+        args = make_args(out, **settings)
+        trainer = Trainer(model=model, args=args, train_dataset=make_dataset(),
+                          callbacks=[ACRCallback(eps=0.1, alpha=0.5)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    full, full_trainer = run(tmp_path / "a")
+    resumed, resumed_trainer = run(tmp_path / "b", resume=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    for a, b in zip(weights(full), weights(resumed)):
+        assert torch.equal(a, b)
+    full_logs, resumed_logs = full_trainer.state.log_history, resumed_trainer.state.log_history
+    assert [log["acr/corrupted_loss"] for log in full_logs[2:4]] == [
+        log["acr/corrupted_loss"] for log in resumed_logs[2:4]
+    ]
+
+
+def test_logs_report_the_corruption(tmp_path):
+    model = make_model()
+    optimizer = ACR(torch.optim.SGD(model.parameters(), lr=0.1), eps=0.2, p=2, alpha=0.5)
+    trainer = train(tmp_path, model, optimizer, ACRCallback(), logging_steps=2, max_steps=4)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        assert ACR_KEYS <= log.keys()
+        assert log["acr/corruption_norm"] == pytest.approx(0.2)
+        assert log["acr/corrupted_loss"] == pytest.approx(log["loss"] + log["acr/loss_gap"], rel=1e-6)
+        assert 0 < log["acr/loss_gap"] < 2 * log["acr/first_order_gain"]
+
+
+def test_bf16_autocast_trains_and_logs(tmp_path):
+    model = make_model()
+    before = weights(model)
+    trainer = train(tmp_path, model, callback=ACRCallback(eps=0.1, alpha=0.5), bf16=True, max_steps=2)
+    log = trainer.state.log_history[0]
+    assert all(math.isfinite(log[key]) for key in ACR_KEYS | {"loss"})
+    assert all(not torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
+def test_seq2seq_trainer_matches_hand_written_acr_loop(tmp_path):
+    def marian():
+        torch.manual_seed(0)
+        config = MarianConfig(
+            vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16,
+            pad_token_id=1, eos_token_id=0, decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0,
+        )
+        return MarianMTModel(config)
+
+    gen = torch.Generator().manual_seed(2)
+    src, tgt = torch.randint(2, VOCAB, (16, 8), generator=gen), torch.randint(2, VOCAB, (16, 6), generator=gen)
+    dataset = datasets.Dataset.from_dict({"input_ids": src.tolist(), "labels": tgt.tolist()})
+    model = marian()
+    # one micro-batch: Marian's loss ignores num_items_in_batch, which the Trainer believes it uses
+    args = make_args(tmp_path, Seq2SeqTrainingArguments, max_steps=2, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=1)
+    optimizer = ACR(torch.optim.SGD(model.parameters(), lr=0.5), eps=0.05, alpha=0.5)
+    Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
+                   callbacks=[ACRCallback()]).train()
+
+    reference_model = marian()
+    reference = ACR(torch.optim.SGD(reference_model.parameters(), lr=0.5), eps=0.05, alpha=0.5)
+    hand_written_acr(reference_model, reference, dataset, rows_per_step=8, steps=2)
+    assert_close(weights(model), weights(reference_model), rtol=1e-5, atol=1e-6)
+
+
+def test_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="need eps"):
+        ACRCallback(alpha=0.3)
+    with pytest.raises(ValueError, match="eps"):
+        ACRCallback(eps=-1.0)
+    model = make_model()
+    with pytest.raises(TypeError, match="needs an ACR optimizer"):
+        train(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), ACRCallback())
+    with pytest.raises(ValueError, match="already is an ACR optimizer"):
+        train(tmp_path, model, ACR(torch.optim.SGD(model.parameters(), lr=0.1)), ACRCallback(eps=0.1))
+    monkeypatch.setattr(hf.transformers, "__version__", "4.40.0")
+    with pytest.raises(RuntimeError, match="supports transformers >= 5.0"):
+        ACRCallback()
+    monkeypatch.undo()
+    sharded = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=True, get_tp_size=lambda: 1,
+                              get_cp_size=lambda: 1, get_sp_size=lambda: 1)
+    with pytest.raises(NotImplementedError, match="does not support FSDP"):
+        hf._check_unsupported_parallelism(sharded)
