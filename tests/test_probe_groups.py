@@ -8,36 +8,71 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from acr_optim.probe import group_parameters  # noqa: E402
+from acr_optim.probe import group_parameters
 
 
 def gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50,
-                                                                n_positions=16, bos_token_id=0, eos_token_id=0))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
 
 
 def bert():
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50,
-        max_position_embeddings=32))
+    return transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=50,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def marian():
-    return transformers.MarianMTModel(transformers.MarianConfig(
-        d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=50, pad_token_id=0, decoder_start_token_id=0,
-        eos_token_id=1, max_position_embeddings=32))
+    return transformers.MarianMTModel(
+        transformers.MarianConfig(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            vocab_size=50,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+            eos_token_id=1,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def t5():
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50, decoder_start_token_id=0))
+    return transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50, decoder_start_token_id=0
+        )
+    )
 
 
 def bart():
-    return transformers.BartForConditionalGeneration(transformers.BartConfig(
-        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=50, max_position_embeddings=32))
+    return transformers.BartForConditionalGeneration(
+        transformers.BartConfig(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            vocab_size=50,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def _partition_ok(model, groups):
@@ -48,34 +83,46 @@ def _partition_ok(model, groups):
 
 EXPECTED_TYPES = {
     "gpt2": {
-        "transformer.wte.weight": "embedding", "transformer.wpe.weight": "embedding",
-        "transformer.h.0.ln_1.weight": "norm", "transformer.ln_f.bias": "norm",
-        "transformer.h.1.attn.c_attn.weight": "attention", "transformer.h.0.attn.c_proj.bias": "attention",
-        "transformer.h.0.mlp.c_fc.weight": "feed_forward", "transformer.h.1.mlp.c_proj.bias": "feed_forward",
+        "transformer.wte.weight": "embedding",
+        "transformer.wpe.weight": "embedding",
+        "transformer.h.0.ln_1.weight": "norm",
+        "transformer.ln_f.bias": "norm",
+        "transformer.h.1.attn.c_attn.weight": "attention",
+        "transformer.h.0.attn.c_proj.bias": "attention",
+        "transformer.h.0.mlp.c_fc.weight": "feed_forward",
+        "transformer.h.1.mlp.c_proj.bias": "feed_forward",
     },
     "bert": {
-        "bert.embeddings.word_embeddings.weight": "embedding", "bert.embeddings.token_type_embeddings.weight": "embedding",
-        "bert.embeddings.LayerNorm.weight": "norm", "bert.encoder.layer.1.output.LayerNorm.bias": "norm",
+        "bert.embeddings.word_embeddings.weight": "embedding",
+        "bert.embeddings.token_type_embeddings.weight": "embedding",
+        "bert.embeddings.LayerNorm.weight": "norm",
+        "bert.encoder.layer.1.output.LayerNorm.bias": "norm",
         "bert.encoder.layer.0.attention.self.query.weight": "attention",
         "bert.encoder.layer.0.attention.output.dense.weight": "attention",
         "bert.encoder.layer.0.intermediate.dense.weight": "feed_forward",
-        "bert.encoder.layer.1.output.dense.bias": "feed_forward", "classifier.weight": "feed_forward",
+        "bert.encoder.layer.1.output.dense.bias": "feed_forward",
+        "classifier.weight": "feed_forward",
     },
     "marian": {
-        "model.shared.weight": "embedding", "model.encoder.layers.0.self_attn_layer_norm.weight": "norm",
+        "model.shared.weight": "embedding",
+        "model.encoder.layers.0.self_attn_layer_norm.weight": "norm",
         "model.decoder.layers.1.encoder_attn.q_proj.weight": "attention",
         "model.decoder.layers.0.self_attn.out_proj.bias": "attention",
-        "model.encoder.layers.0.fc1.weight": "feed_forward", "model.decoder.layers.1.fc2.bias": "feed_forward",
+        "model.encoder.layers.0.fc1.weight": "feed_forward",
+        "model.decoder.layers.1.fc2.bias": "feed_forward",
     },
     "t5": {
-        "shared.weight": "embedding", "encoder.final_layer_norm.weight": "norm",
+        "shared.weight": "embedding",
+        "encoder.final_layer_norm.weight": "norm",
         "decoder.block.0.layer.1.EncDecAttention.k.weight": "attention",
         "encoder.block.0.layer.1.DenseReluDense.wi.weight": "feed_forward",
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "embedding",
     },
     "bart": {
-        "model.encoder.embed_positions.weight": "embedding", "model.decoder.layernorm_embedding.weight": "norm",
-        "model.encoder.layers.0.self_attn.k_proj.weight": "attention", "model.decoder.layers.0.fc1.bias": "feed_forward",
+        "model.encoder.embed_positions.weight": "embedding",
+        "model.decoder.layernorm_embedding.weight": "norm",
+        "model.encoder.layers.0.self_attn.k_proj.weight": "attention",
+        "model.decoder.layers.0.fc1.bias": "feed_forward",
     },
 }
 BUILDERS = {"gpt2": gpt2, "bert": bert, "marian": marian, "t5": t5, "bart": bart}
@@ -123,23 +170,33 @@ def test_plain_module_types_and_layers():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
     model.register_parameter("scale", nn.Parameter(torch.ones(1)))
     assert group_parameters(model, "type") == {
-        "convolution": ["0.weight", "0.bias"], "norm": ["1.weight", "1.bias"],
-        "feed_forward": ["4.weight", "4.bias"], "other": ["scale"],
+        "convolution": ["0.weight", "0.bias"],
+        "norm": ["1.weight", "1.bias"],
+        "feed_forward": ["4.weight", "4.bias"],
+        "other": ["scale"],
     }
     assert group_parameters(model, "layer") == {
-        "0": ["0.weight", "0.bias"], "1": ["1.weight", "1.bias"], "4": ["4.weight", "4.bias"], "scale": ["scale"],
+        "0": ["0.weight", "0.bias"],
+        "1": ["1.weight", "1.bias"],
+        "4": ["4.weight", "4.bias"],
+        "scale": ["scale"],
     }
     layer = nn.TransformerEncoderLayer(8, 2, 16)
     types = group_parameters(layer, "type")
-    assert types["attention"] == ["self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
-                                  "self_attn.out_proj.bias"]
+    assert types["attention"] == [
+        "self_attn.in_proj_weight",
+        "self_attn.in_proj_bias",
+        "self_attn.out_proj.weight",
+        "self_attn.out_proj.bias",
+    ]
     assert types["feed_forward"] == ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
 
 
 def test_user_groupings_mapping_regex_callable():
     model = gpt2()
     assert group_parameters(model, {"transformer.wte.weight": "tok", "transformer.ln_f.bias": "final"}) == {
-        "tok": ["transformer.wte.weight"], "final": ["transformer.ln_f.bias"]
+        "tok": ["transformer.wte.weight"],
+        "final": ["transformer.ln_f.bias"],
     }
     regex = group_parameters(model, [(r"\.bias$", "bias"), (r"\.h\.1\.", "second")])
     assert all(k.endswith(".bias") for k in regex["bias"])

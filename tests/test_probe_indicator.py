@@ -43,7 +43,9 @@ def test_gradient_beats_random_by_a_wide_margin_at_small_eps(trained):
     assert grad.delta_loss > 50 * abs(rand.delta_loss)
 
 
-@pytest.mark.parametrize(("p", "n", "eps"), [(2, None, 1.0), (2, 50, 1.0), (1.5, None, 1.0), (math.inf, 50, 0.05), (1, None, 1.0)])
+@pytest.mark.parametrize(
+    ("p", "n", "eps"), [(2, None, 1.0), (2, 50, 1.0), (1.5, None, 1.0), (math.inf, 50, 0.05), (1, None, 1.0)]
+)
 def test_pgd_never_below_gradient_and_both_feasible(trained, p, n, eps):
     model, batches = trained
     grad = estimate_indicator(model, batches, eps=eps, p=p, n=n, loss_fn=ce_loss)
@@ -112,8 +114,9 @@ def stateful():
 def test_estimate_restores_model_bit_exactly(stateful, method):
     model, batches = stateful
     state = _state(model)
-    estimate_indicator(model, batches, eps=0.5, method=method, loss_fn=ce_loss, trials=2, steps=2,
-                       params=[model[0].bias, "4.weight"])
+    estimate_indicator(
+        model, batches, eps=0.5, method=method, loss_fn=ce_loss, trials=2, steps=2, params=[model[0].bias, "4.weight"]
+    )
     _assert_same(model, state)
 
 
@@ -165,7 +168,9 @@ def test_probe_tied_weights_probed_once_and_restored():
     x = torch.randint(0, 10, (3, 5))
     batches = [(x, x)]
     state = _state(model)
-    table = probe(model, batches, eps=0.1, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten()))
+    table = probe(
+        model, batches, eps=0.1, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten())
+    )
     assert [(r["group"], r["num_params"]) for r in table.rows] == [("all", 48), ("embedding", 40), ("norm", 8)]
     _assert_same(model, state)
 
@@ -178,8 +183,16 @@ def test_probe_reuses_one_gradient_and_matches_estimate_indicator(trained):
         passes["grad" if torch.is_grad_enabled() else "eval"] += 1
         return ce_loss(m, batch)
 
-    table = probe(model, batches, eps=[1e-3, 1e-2, 1e-1], n=[None, 10], method=["gradient", "random"],
-                  by="layer", trials=2, loss_fn=counting_loss)
+    table = probe(
+        model,
+        batches,
+        eps=[1e-3, 1e-2, 1e-1],
+        n=[None, 10],
+        method=["gradient", "random"],
+        by="layer",
+        trials=2,
+        loss_fn=counting_loss,
+    )
     groups = ["all", "0", "2"]
     assert len(table.rows) == len(groups) * 2 * 2 * 3
     assert passes["grad"] == len(batches)  # one gradient for every group, eps, n and method

@@ -51,56 +51,93 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
     model.add_argument("--tokenizer", help="tokenizer folder or hub id (default: --model)")
     model.add_argument("--task", required=True, choices=TASKS, help="model head / loss to load and evaluate")
-    model.add_argument("--trust-remote-code", action="store_true",
-                       help="allow custom modelling code from the model repository (off: only trusted classes)")
+    model.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow custom modelling code from the model repository (off: only trusted classes)",
+    )
     model.add_argument("--revision", help="hub revision (branch, tag or commit) of the model")
-    model.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
-                       help="parameter dtype to probe in (bf16/fp16 may round small corruptions away: a warning says so)")
+    model.add_argument(
+        "--dtype",
+        default="float32",
+        choices=tuple(DTYPES),
+        help="parameter dtype to probe in (bf16/fp16 may round small corruptions away: a warning says so)",
+    )
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, nargs="+",
-                      help="a `datasets` hub name, local .txt/.json/.jsonl/.csv files (optionally .gz), "
-                      "or a folder written by Dataset.save_to_disk (tokenised data is used as is)")
+    data.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="a `datasets` hub name, local .txt/.json/.jsonl/.csv files (optionally .gz), "
+        "or a folder written by Dataset.save_to_disk (tokenised data is used as is)",
+    )
     data.add_argument("--data-config", help="dataset configuration name (hub datasets)")
     data.add_argument("--split", default="test", help="split of a hub dataset or a saved DatasetDict")
-    data.add_argument("--target-data", nargs="+",
-                      help="seq2seq from parallel text files: target-side files, line-aligned with --data")
+    data.add_argument(
+        "--target-data", nargs="+", help="seq2seq from parallel text files: target-side files, line-aligned with --data"
+    )
     data.add_argument("--text-column", default="text", help="input text column (seq2seq source, classification text)")
     data.add_argument("--text-pair-column", help="second text column for sentence-pair classification")
     data.add_argument("--target-column", default="target", help="seq2seq target text column")
     data.add_argument("--label-column", default="label", help="classification label column")
-    data.add_argument("--max-samples", type=int, default=256,
-                      help="examples to use (causal-lm: blocks of --max-length tokens)")
+    data.add_argument(
+        "--max-samples", type=int, default=256, help="examples to use (causal-lm: blocks of --max-length tokens)"
+    )
     data.add_argument("--max-length", type=int, default=128, help="tokens per example (truncation / block size)")
     data.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
 
     corruption = parser.add_argument_group("corruption")
-    corruption.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.1, 1.0],
-                            help="grid of corruption norms ||a||_p")
-    corruption.add_argument("--n", type=_n_value, nargs="+", default=[None],
-                            help="grid of L0 limits (max corrupted entries per group); 'all' = no limit")
+    corruption.add_argument(
+        "--eps", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="grid of corruption norms ||a||_p"
+    )
+    corruption.add_argument(
+        "--n",
+        type=_n_value,
+        nargs="+",
+        default=[None],
+        help="grid of L0 limits (max corrupted entries per group); 'all' = no limit",
+    )
     corruption.add_argument("--p", type=float, default=2.0, help="norm order, 1 <= p <= inf ('inf' accepted)")
-    corruption.add_argument("--methods", nargs="+", default=["gradient", "random"],
-                            choices=("gradient", "random", "pgd"), help="corruption methods")
+    corruption.add_argument(
+        "--methods",
+        nargs="+",
+        default=["gradient", "random"],
+        choices=("gradient", "random", "pgd"),
+        help="corruption methods",
+    )
     corruption.add_argument("--trials", type=int, default=5, help="random draws per row (random method)")
     corruption.add_argument("--steps", type=int, default=10, help="ascent steps (pgd)")
     corruption.add_argument("--step-size", type=float, default=0.5, help="relative ascent step (pgd)")
     corruption.add_argument("--seed", type=int, default=0, help="seed of the random draws")
-    corruption.add_argument("--by", default="type", choices=("type", "layer", "all"),
-                            help="parameter grouping (by module type or by layer/block)")
-    corruption.add_argument("--group-regex", type=_regex_pair, action="append", metavar="PATTERN=GROUP",
-                            help="custom grouping instead of --by (repeatable, first match wins; unmatched "
-                            "parameters are not probed)")
+    corruption.add_argument(
+        "--by",
+        default="type",
+        choices=("type", "layer", "all"),
+        help="parameter grouping (by module type or by layer/block)",
+    )
+    corruption.add_argument(
+        "--group-regex",
+        type=_regex_pair,
+        action="append",
+        metavar="PATTERN=GROUP",
+        help="custom grouping instead of --by (repeatable, first match wins; unmatched parameters are not probed)",
+    )
     corruption.add_argument("--no-all", action="store_true", help="do not add the 'all parameters' group")
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", required=True, type=Path, help="folder for table, figures and report")
-    output.add_argument("--metric", default="auto", choices=METRICS,
-                        help="metric before/under corruption; auto: perplexity (causal-lm), accuracy "
-                        "(classification), token-accuracy (seq2seq)")
-    output.add_argument("--save-corruptions", action="store_true",
-                        help="also write every applied corruption to corruptions.safetensors")
+    output.add_argument(
+        "--metric",
+        default="auto",
+        choices=METRICS,
+        help="metric before/under corruption; auto: perplexity (causal-lm), accuracy "
+        "(classification), token-accuracy (seq2seq)",
+    )
+    output.add_argument(
+        "--save-corruptions", action="store_true", help="also write every applied corruption to corruptions.safetensors"
+    )
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -118,7 +155,9 @@ def _load_rows(args: argparse.Namespace) -> Any:
             targets = _load_files(args.target_data)
             if len(targets) != len(rows):
                 raise SystemExit(f"--target-data has {len(targets)} lines, --data {len(rows)}: they must be aligned")
-            return datasets.Dataset.from_dict({args.text_column: rows["text"], args.target_column: targets["text"]})
+            return datasets.Dataset.from_dict(
+                {args.text_column: list(rows["text"]), args.target_column: list(targets["text"])}
+            )
         return rows
     return datasets.load_dataset(args.data[0], args.data_config, split=args.split)
 
@@ -153,7 +192,9 @@ def _causal_blocks(rows: Any, tokenizer: Any, args: argparse.Namespace) -> list[
 def _examples(rows: Any, tokenizer: Any, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = rows.select(range(min(len(rows), args.max_samples))) if args.task != "causal-lm" else rows
     if "input_ids" in rows.column_names:  # tokenised (save_to_disk): used as is, truncated
-        keep = [c for c in rows.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "labels", "label")]
+        keep = [
+            c for c in rows.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "labels", "label")
+        ]
         out = [{k: row[k] for k in keep} for row in rows.select(range(min(len(rows), args.max_samples)))]
         for ex in out:
             for k in ("input_ids", "attention_mask", "token_type_ids"):
@@ -163,12 +204,16 @@ def _examples(rows: Any, tokenizer: Any, model: Any, args: argparse.Namespace) -
     if args.task == "causal-lm":
         return _causal_blocks(rows, tokenizer, args)
     if args.task == "seq2seq":
-        enc = tokenizer(rows[args.text_column], text_target=rows[args.target_column],
-                        max_length=args.max_length, truncation=True)
+        enc = tokenizer(
+            list(rows[args.text_column]),
+            text_target=list(rows[args.target_column]),
+            max_length=args.max_length,
+            truncation=True,
+        )
         return [{k: enc[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(rows))]
-    texts = [rows[args.text_column]] + ([rows[args.text_pair_column]] if args.text_pair_column else [])
+    texts = [list(rows[args.text_column])] + ([list(rows[args.text_pair_column])] if args.text_pair_column else [])
     enc = tokenizer(*texts, max_length=args.max_length, truncation=True)
-    labels = rows[args.label_column]
+    labels = list(rows[args.label_column])
     if labels and isinstance(labels[0], str):
         label2id = model.config.label2id
         missing = sorted(set(labels) - set(label2id))
@@ -210,8 +255,11 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         AutoTokenizer,
     )
 
-    cls = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
-           "classification": AutoModelForSequenceClassification}[args.task]
+    cls = {
+        "causal-lm": AutoModelForCausalLM,
+        "seq2seq": AutoModelForSeq2SeqLM,
+        "classification": AutoModelForSequenceClassification,
+    }[args.task]
     common = {"trust_remote_code": args.trust_remote_code, "revision": args.revision}
     model = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype], **common).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **common)
@@ -260,16 +308,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved.update({f"{prefix}/{name}": t.detach().cpu().contiguous() for name, t in a.items()})
 
     table = probe(
-        model, batches, eps=args.eps, p=args.p, n=args.n, method=args.methods,
-        by=args.group_regex or args.by, include_all=not args.no_all,
+        model,
+        batches,
+        eps=args.eps,
+        p=args.p,
+        n=args.n,
+        method=args.methods,
+        by=args.group_regex or args.by,
+        include_all=not args.no_all,
         metric_fn=_metric_fn(args.metric, args.task, tokenizer, args.max_length),
-        trials=args.trials, seed=args.seed, steps=args.steps, step_size=args.step_size,
-        progress=not args.no_progress, on_corruption=keep if args.save_corruptions else None, model_name=args.model,
+        trials=args.trials,
+        seed=args.seed,
+        steps=args.steps,
+        step_size=args.step_size,
+        progress=not args.no_progress,
+        on_corruption=keep if args.save_corruptions else None,
+        model_name=args.model,
     )
     table.config.update(
-        task=args.task, data=" ".join(args.data), split=args.split, num_examples=len(examples),
-        num_tokens=sum(len(ex["input_ids"]) for ex in examples), max_length=args.max_length,
-        batch_size=args.batch_size, device=str(device), acr_optim=acr_optim.__version__,
+        task=args.task,
+        data=" ".join(args.data),
+        split=args.split,
+        num_examples=len(examples),
+        num_tokens=sum(len(ex["input_ids"]) for ex in examples),
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        device=str(device),
+        acr_optim=acr_optim.__version__,
     )
     if args.target_data:
         table.config["target_data"] = " ".join(args.target_data)
@@ -284,9 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.curve(out / "curve.png", value=metric)
     if saved:
         save_file(saved, str(out / "corruptions.safetensors"), metadata={"config": json.dumps(table.config)})
-    worst = max(table.select(method=args.methods[0]), key=lambda r: r["delta_loss"] if math.isfinite(r["delta_loss"]) else -1)
-    print(f"wrote {out}: {len(table.rows)} rows; largest {args.methods[0]} loss increase "
-          f"{worst['delta_loss']:.4g} (group {worst['group']}, eps {worst['eps']:g})")
+    worst = max(
+        table.select(method=args.methods[0]), key=lambda r: r["delta_loss"] if math.isfinite(r["delta_loss"]) else -1
+    )
+    print(
+        f"wrote {out}: {len(table.rows)} rows; largest {args.methods[0]} loss increase "
+        f"{worst['delta_loss']:.4g} (group {worst['group']}, eps {worst['eps']:g})"
+    )
     return 0
 
 

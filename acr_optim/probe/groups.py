@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Union
 
 from torch import nn
 
 __all__ = ["GroupBy", "group_parameters", "parameter_type"]
 
-GroupBy = Union[str, Mapping[str, str], Sequence[tuple[str, str]], Callable[[str], Union[str, None]]]
+GroupBy = str | Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str | None]
 
 BUILTIN = ("type", "layer", "all")
 
@@ -110,7 +109,9 @@ def _user(by: GroupBy) -> Callable[[str], str | None]:
     return match
 
 
-def group_parameters(model: nn.Module, by: GroupBy = "type", names: Iterable[str] | None = None) -> dict[str, list[str]]:
+def group_parameters(
+    model: nn.Module, by: GroupBy = "type", names: Iterable[str] | None = None
+) -> dict[str, list[str]]:
     """Map group name -> parameter names (``model.named_parameters()`` order) for the grouping ``by``.
 
     ``names`` restricts the result to those parameters (default: all trainable parameters).

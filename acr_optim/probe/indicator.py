@@ -45,10 +45,10 @@ from torch import Tensor, nn
 from ..corruption import check_eps, check_n, check_p, dual_exponent, gradient_corruption, random_corruption
 
 __all__ = [
+    "METHODS",
     "CorruptionResolutionWarning",
     "IndicatorResult",
     "LossFn",
-    "METHODS",
     "MetricFn",
     "corrupted",
     "default_loss",
@@ -219,8 +219,21 @@ class IndicatorResult:
         """Flat record (no tensors): metric ``k`` appears as ``k_clean`` and ``k``."""
         row: dict[str, Any] = {
             k: getattr(self, k)
-            for k in ("method", "eps", "p", "n", "trials", "loss_clean", "loss", "delta_loss", "delta_loss_std",
-                      "delta_loss_max", "first_order", "norm", "l0")
+            for k in (
+                "method",
+                "eps",
+                "p",
+                "n",
+                "trials",
+                "loss_clean",
+                "loss",
+                "delta_loss",
+                "delta_loss_std",
+                "delta_loss_max",
+                "first_order",
+                "norm",
+                "l0",
+            )
         }
         for key, value in self.metric_clean.items():
             row[f"{key}_clean"] = value
@@ -231,8 +244,14 @@ class IndicatorResult:
 class _Context:
     """What repeated measurements on one model and batch list share."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None,
-                 metric_fn: MetricFn | None, snapshot: _Snapshot) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        loss_fn: LossFn | None,
+        metric_fn: MetricFn | None,
+        snapshot: _Snapshot,
+    ) -> None:
         self.model, self.batches, self.snapshot = model, batches, snapshot
         self.loss_fn = loss_fn or default_loss
         self.metric_fn = metric_fn
@@ -293,8 +312,16 @@ def _dual_point(a: Sequence[Tensor], eps: float, p: float) -> list[Tensor]:
     return _unit(u, dual_exponent(p))
 
 
-def _pgd(ctx: _Context, params: Sequence[nn.Parameter], a0: list[Tensor], eps: float, p: float, n: int | None,
-         steps: int, step_size: float) -> list[Tensor]:
+def _pgd(
+    ctx: _Context,
+    params: Sequence[nn.Parameter],
+    a0: list[Tensor],
+    eps: float,
+    p: float,
+    n: int | None,
+    steps: int,
+    step_size: float,
+) -> list[Tensor]:
     """Best measured iterate of the ascent described in the module docstring (``a0`` included)."""
     dual = dual_exponent(p)
     a, best, best_loss = a0, a0, -math.inf
@@ -313,9 +340,23 @@ def _pgd(ctx: _Context, params: Sequence[nn.Parameter], a0: list[Tensor], eps: f
     return best
 
 
-def _estimate(ctx: _Context, params: Sequence[nn.Parameter], names: Sequence[str], grads: list[Tensor],
-              loss_clean: float, metric_clean: dict[str, float], *, eps: float, p: float, n: int | None,
-              method: str, trials: int, seed: int, steps: int, step_size: float) -> IndicatorResult:
+def _estimate(
+    ctx: _Context,
+    params: Sequence[nn.Parameter],
+    names: Sequence[str],
+    grads: list[Tensor],
+    loss_clean: float,
+    metric_clean: dict[str, float],
+    *,
+    eps: float,
+    p: float,
+    n: int | None,
+    method: str,
+    trials: int,
+    seed: int,
+    steps: int,
+    step_size: float,
+) -> IndicatorResult:
     if method == "random":
         generator = torch.Generator(device=params[0].device).manual_seed(seed)
         draws = [random_corruption(params, eps, p, n, generator=generator) for _ in range(trials)]
@@ -358,7 +399,9 @@ def _select_params(model: nn.Module, params: Iterable[str | nn.Parameter] | None
         for item in params:
             name = item if isinstance(item, str) else by_id.get(id(item))
             if name not in named:
-                raise ValueError(f"params must name parameters of the model; {item if isinstance(item, str) else 'a tensor'} is not one")
+                raise ValueError(
+                    f"params must name parameters of the model; {item if isinstance(item, str) else 'a tensor'} is not one"
+                )
             selected[name] = named[name]
     if not selected:
         raise ValueError("params selects no parameters (no trainable parameters in the model?)")
@@ -429,5 +472,19 @@ def estimate_indicator(
         ctx = _Context(model, batches, loss_fn, metric_fn, snapshot)
         _, grads = ctx.loss_and_grad(tensors)
         # L(w) is re-measured by the same inference-mode path as every L(w + a), so deltas compare like with like.
-        return _estimate(ctx, tensors, list(named), grads, ctx.loss(), ctx.metric(), eps=eps, p=p, n=n,
-                         method=method, trials=trials, seed=seed, steps=steps, step_size=step_size)
+        return _estimate(
+            ctx,
+            tensors,
+            list(named),
+            grads,
+            ctx.loss(),
+            ctx.metric(),
+            eps=eps,
+            p=p,
+            n=n,
+            method=method,
+            trials=trials,
+            seed=seed,
+            steps=steps,
+            step_size=step_size,
+        )

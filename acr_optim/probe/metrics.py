@@ -59,8 +59,12 @@ def bleu(tokenizer: Any, max_new_tokens: int = 64, num_beams: int = 1) -> Metric
         hyps: list[str] = []
         refs: list[str] = []
         for batch in batches:
-            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams)
+            out = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+            )
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
             labels = torch.where(batch["labels"] == -100, tokenizer.pad_token_id, batch["labels"])
             refs += tokenizer.batch_decode(labels, skip_special_tokens=True)

@@ -71,8 +71,10 @@ class ProbeTable:
 
     def to_markdown(self, path: PathLike | None = None, columns: Sequence[str] | None = None) -> str:
         cols = list(columns) if columns is not None else self.columns
-        lines = [f"- **{k}**: {_fmt(v) if not isinstance(v, list) else ', '.join(_fmt(x) or 'all' for x in v)}"
-                 for k, v in self.config.items()]
+        lines = [
+            f"- **{k}**: {_fmt(v) if not isinstance(v, list) else ', '.join(_fmt(x) or 'all' for x in v)}"
+            for k, v in self.config.items()
+        ]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.rows:
             cells = [("all" if k == "n" and row.get(k) is None else _fmt(row.get(k))) for k in cols]
@@ -85,8 +87,14 @@ class ProbeTable:
     def _default(self, key: str) -> Any:
         return self.rows[0][key] if self.rows else None
 
-    def heatmap(self, path: PathLike, value: str = "delta_loss", method: str | None = None,
-                n: int | None | str = "first", title: str | None = None) -> None:
+    def heatmap(
+        self,
+        path: PathLike,
+        value: str = "delta_loss",
+        method: str | None = None,
+        n: int | None | str = "first",
+        title: str | None = None,
+    ) -> None:
         """Group x eps heatmap of ``value`` (warmer = larger = worse) for one method and ``n``.
 
         Log colour scale when every value is positive.  ``method``/``n`` default to the first row's.
@@ -114,14 +122,21 @@ class ProbeTable:
         ax.set_xlabel("eps")
         for i, line in enumerate(grid):
             for j, v in enumerate(line):
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7)
+                dark = math.isfinite(v) and norm(v) > 0.6
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
         fig.colorbar(image, ax=ax, label=value)
         n_text = "all" if n is None else n
         ax.set_title(title or f"{value}: {method}, p={_fmt(self._default('p'))}, n={n_text}", fontsize=9)
         fig.savefig(path, dpi=120)
 
-    def curve(self, path: PathLike, value: str = "loss", group: str | None = None, n: int | None | str = "first",
-              title: str | None = None) -> None:
+    def curve(
+        self,
+        path: PathLike,
+        value: str = "loss",
+        group: str | None = None,
+        n: int | None | str = "first",
+        title: str | None = None,
+    ) -> None:
         """``value`` vs eps (log x), one line per method for ``group`` (default ``"all"`` or the first group),
         with the clean value dashed and, for ``value="loss"``, random's +-1 std band (paper Figure 3)."""
         from matplotlib.figure import Figure
@@ -140,8 +155,13 @@ class ProbeTable:
             (handle,) = ax.plot(xs, ys, marker="o", label=method)
             if value == "loss" and any(r["delta_loss_std"] for r in line):
                 std = [r["delta_loss_std"] for r in line]
-                ax.fill_between(xs, [y - s for y, s in zip(ys, std)], [y + s for y, s in zip(ys, std)],
-                                color=handle.get_color(), alpha=0.2)
+                ax.fill_between(
+                    xs,
+                    [y - s for y, s in zip(ys, std)],
+                    [y + s for y, s in zip(ys, std)],
+                    color=handle.get_color(),
+                    alpha=0.2,
+                )
         clean = f"{value}_clean" if f"{value}_clean" in rows[0] else "loss_clean" if value == "loss" else None
         if clean is not None:
             ax.axhline(rows[0][clean], color="grey", linestyle="--", label="clean")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..corruption import check_eps, check_n
 from .groups import GroupBy, group_parameters
@@ -36,6 +36,12 @@ def _grid(value: Any, check: Callable[[Any], Any]) -> list[Any]:
     if not values:
         raise ValueError("grids (eps, n, method) must not be empty")
     return [check(v) for v in values]
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm  # only needed for progress bars (the `hf` extra)
+
+    return tqdm(total=total, desc="acr-probe", unit="row")
 
 
 def probe(
@@ -93,22 +99,35 @@ def probe(
         loss_clean, metric_clean = ctx.loss(), ctx.metric()
         rows: list[dict[str, Any]] = []
         total = len(groups) * len(methods) * len(n_grid) * len(eps_grid)
-        with tqdm(total=total, disable=not progress, desc="acr-probe", unit="row") as bar:
-            for group, names in groups.items():
+        bar = _progress_bar(total) if progress else None
+        try:
+            for (group, names), m, n_, e in itertools.product(groups.items(), methods, n_grid, eps_grid):
                 tensors = [named[k] for k in names]
-                group_grads = [grad_of[k] for k in names]
-                for m in methods:
-                    for n_ in n_grid:
-                        for e in eps_grid:
-                            result: IndicatorResult = _estimate(
-                                ctx, tensors, names, group_grads, loss_clean, metric_clean, eps=e, p=p, n=n_,
-                                method=m, trials=trials, seed=seed, steps=steps, step_size=step_size,
-                            )
-                            row = {"group": group, "num_params": sum(t.numel() for t in tensors), **result.to_dict()}
-                            rows.append(row)
-                            if on_corruption is not None:
-                                on_corruption(row, result.corruption)
-                            bar.update()
+                result: IndicatorResult = _estimate(
+                    ctx,
+                    tensors,
+                    names,
+                    [grad_of[k] for k in names],
+                    loss_clean,
+                    metric_clean,
+                    eps=e,
+                    p=p,
+                    n=n_,
+                    method=m,
+                    trials=trials,
+                    seed=seed,
+                    steps=steps,
+                    step_size=step_size,
+                )
+                row = {"group": group, "num_params": sum(t.numel() for t in tensors), **result.to_dict()}
+                rows.append(row)
+                if on_corruption is not None:
+                    on_corruption(row, result.corruption)
+                if bar is not None:
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
     config = {
         "model": model_name or type(model).__name__,
         "eps": eps_grid,

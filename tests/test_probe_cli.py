@@ -1,0 +1,286 @@
+"""ProbeTable files/figures and the acr-probe CLI end to end on tiny saved models and local data."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+datasets = pytest.importorskip("datasets")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from acr_optim.cli.probe import build_parser, main
+from acr_optim.probe import ProbeTable
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "big", "small", "red", "blue"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _sentences(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (6,), generator=gen).tolist()) for _ in range(n)]
+
+
+def _tokenizer(path):
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    tok = _tokenizer(path)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok),
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_cli_causal_lm_end_to_end(gpt2_dir, tmp_path):
+    data = tmp_path / "train.txt.gz"
+    with gzip.open(data, "wt") as f:
+        f.write("\n".join(_sentences(40, 0)) + "\n")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "--model",
+            str(gpt2_dir),
+            "--task",
+            "causal-lm",
+            "--data",
+            str(data),
+            "--max-samples",
+            "6",
+            "--max-length",
+            "16",
+            "--batch-size",
+            "4",
+            "--eps",
+            "0.01",
+            "0.1",
+            "--n",
+            "all",
+            "20",
+            "--trials",
+            "2",
+            "--by",
+            "layer",
+            "--output-dir",
+            str(out),
+            "--save-corruptions",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "probe.csv",
+        "probe.md",
+        "report.json",
+        "heatmap_gradient.png",
+        "heatmap_random.png",
+        "curve.png",
+        "corruptions.safetensors",
+    }
+    for png in ("heatmap_gradient.png", "heatmap_random.png", "curve.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    with open(out / "probe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups = ["all", "wte", "wpe", "h.0", "h.1", "ln_f"]
+    assert len(rows) == len(groups) * 2 * 2 * 2
+    assert [r["group"] for r in rows[::8]] == groups
+    assert {r["model"] for r in rows} == {str(gpt2_dir)} and {r["task"] for r in rows} == {"causal-lm"}
+    assert {r["n"] for r in rows} == {"", "20"}
+    first = rows[0]
+    assert float(first["perplexity"]) > float(first["perplexity_clean"]) > 1
+    assert float(first["delta_loss"]) == pytest.approx(float(first["loss"]) - float(first["loss_clean"]))
+    report = ProbeTable.from_json(out / "report.json")
+    assert report.config["num_examples"] == 6 and report.config["num_tokens"] == 96
+    assert report.config["eps"] == [0.01, 0.1] and report.config["n"] == [None, 20]
+    assert len(report.rows) == len(rows)
+    loaded = safetensors_torch.load_file(out / "corruptions.safetensors")
+    a = {k.rsplit("/", 1)[1]: v for k, v in loaded.items() if k.startswith("h.0/gradient/eps=0.1/n=20/")}
+    assert sum(int(t.count_nonzero()) for t in a.values()) == 20
+    assert torch.linalg.vector_norm(torch.cat([t.flatten() for t in a.values()])).item() == pytest.approx(0.1)
+    assert "| group | num_params | method |" in (out / "probe.md").read_text()
+
+
+def test_cli_seq2seq_parallel_text_and_classification_saved_dataset(tmp_path):
+    tok = _tokenizer(tmp_path / "marian")
+    torch.manual_seed(0)
+    marian = transformers.MarianMTModel(
+        transformers.MarianConfig(
+            vocab_size=len(tok),
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    marian.save_pretrained(tmp_path / "marian")
+    (tmp_path / "src.txt").write_text("\n".join(_sentences(8, 1)) + "\n")
+    (tmp_path / "tgt.txt").write_text("\n".join(_sentences(8, 2)) + "\n")
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "marian"),
+                "--task",
+                "seq2seq",
+                "--data",
+                str(tmp_path / "src.txt"),
+                "--target-data",
+                str(tmp_path / "tgt.txt"),
+                "--eps",
+                "0.1",
+                "--methods",
+                "gradient",
+                "pgd",
+                "--steps",
+                "2",
+                "--output-dir",
+                str(tmp_path / "s2s"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    s2s = json.loads((tmp_path / "s2s" / "report.json").read_text())
+    assert {r["group"] for r in s2s["rows"]} == {"all", "embedding", "attention", "norm", "feed_forward"}
+    for grad, pgd in zip(
+        [r for r in s2s["rows"] if r["method"] == "gradient"], [r for r in s2s["rows"] if r["method"] == "pgd"]
+    ):
+        assert pgd["group"] == grad["group"] and pgd["delta_loss"] >= grad["delta_loss"]
+    assert "token_accuracy" in s2s["rows"][0] and s2s["config"]["num_examples"] == 8
+
+    tok = _tokenizer(tmp_path / "bert")
+    bert = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
+    )
+    bert.save_pretrained(tmp_path / "bert")
+    enc = tok(_sentences(10, 3))
+    datasets.Dataset.from_dict({**enc, "label": [i % 2 for i in range(10)]}).save_to_disk(tmp_path / "tokenised")
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "bert"),
+                "--task",
+                "classification",
+                "--data",
+                str(tmp_path / "tokenised"),
+                "--eps",
+                "0.5",
+                "--methods",
+                "random",
+                "--trials",
+                "3",
+                "--group-regex",
+                r"attention=attn",
+                "--group-regex",
+                r"classifier=head",
+                "--output-dir",
+                str(tmp_path / "cls"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    cls = ProbeTable.from_json(tmp_path / "cls" / "report.json")
+    assert [r["group"] for r in cls.rows] == ["all", "attn", "head"] and cls.config["by"] == "custom"
+    assert all(r["trials"] == 3 and 0 <= r["accuracy"] <= 1 for r in cls.rows)
+
+
+def test_cli_help_documents_every_option_and_rejects_bad_values(capsys):
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--trust-remote-code", "--eps", "--n", "--methods", "--by", "--save-corruptions", "--target-data"):
+        assert flag in text
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--task", "causal-lm", "--data", "d", "--output-dir", "o", "--n", "0"])
+    assert "n must be a positive int or 'all'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--task", "causal-lm", "--data", "d", "--output-dir", "o", "--batch-size", "0"])
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_table_formats_and_figures(tmp_path):
+    rows = [
+        {
+            "group": g,
+            "num_params": 3,
+            "method": m,
+            "eps": e,
+            "p": 2.0,
+            "n": None,
+            "trials": 1,
+            "loss_clean": 1.0,
+            "loss": 1.0 + d,
+            "delta_loss": d,
+            "delta_loss_std": 0.0,
+            "delta_loss_max": d,
+            "first_order": d,
+            "norm": e,
+            "l0": 3,
+        }
+        for g in ("all", "norm")
+        for m in ("gradient", "random")
+        for e, d in ((0.1, 0.5), (1.0, 2.0))
+    ]
+    table = ProbeTable(rows=rows, config={"model": "tiny", "eps": [0.1, 1.0], "p": 2.0, "seed": 0})
+    assert table.select(group="norm", method="random", eps=1.0) == [rows[7]]
+    table.to_csv(tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        read = list(csv.DictReader(f))
+    assert read[0]["model"] == "tiny" and read[0]["seed"] == "0" and read[0]["n"] == "" and "eps" in read[0]
+    assert float(read[3]["delta_loss"]) == 2.0
+    table.to_json(tmp_path / "t.json")
+    back = ProbeTable.from_json(tmp_path / "t.json")
+    assert back.rows == rows and back.config == table.config
+    md = table.to_markdown(columns=["group", "method", "eps", "n", "delta_loss"])
+    assert "- **eps**: 0.1, 1" in md and "| all | gradient | 0.1 | all | 0.5 |" in md
+    table.heatmap(tmp_path / "h.png", method="random")
+    table.curve(tmp_path / "c.png")
+    assert (tmp_path / "h.png").read_bytes()[:8] == PNG and (tmp_path / "c.png").read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="no rows with method='pgd'"):
+        table.heatmap(tmp_path / "x.png", method="pgd")
