@@ -1,0 +1,121 @@
+"""Model cards for models trained (or evaluated) with acr-optim, for the Hugging Face Hub.
+
+:func:`write_model_card` fills ``hub_cards/acr_model_card.md`` into ``output_dir/README.md``: YAML
+metadata that ``huggingface_hub.ModelCard`` parses (``library_name``, ``tags``, ``datasets``,
+``model-index`` with the clean result and one result per corruption ``eps``), the ACR
+configuration, the robustness table, intended use and the paper citation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .corruption import check_eps, check_n, check_p
+
+__all__ = ["DEFAULT_TEMPLATE", "write_model_card"]
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "acr_model_card.md"
+"""The card template of a source checkout (``hub_cards/`` next to the package)."""
+
+_DEFAULT_INTENDED_USE = (
+    "A research artefact: comparing the robustness of models trained with and without ACR under the "
+    "same budget, and reproducing the experiments of the paper. Not intended for production use."
+)
+
+
+def write_model_card(
+    output_dir: str | Path,
+    *,
+    model_name: str,
+    task_type: str,
+    metric_type: str,
+    metric_name: str,
+    results: Sequence[tuple[float, float]],
+    dataset_name: str,
+    dataset_type: str,
+    dataset_split: str = "validation",
+    dataset_config: str | None = None,
+    hub_datasets: Sequence[str] = (),
+    corruption_p: float = 2.0,
+    corruption_n: int | None = None,
+    acr: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    language: str | Sequence[str] | None = None,
+    license: str = "apache-2.0",
+    description: str = "",
+    intended_use: str = _DEFAULT_INTENDED_USE,
+    training: Mapping[str, Any] | None = None,
+    template_path: str | Path = DEFAULT_TEMPLATE,
+) -> Path:
+    """Write ``output_dir/README.md`` and return its path.
+
+    Args:
+        results: ``[(eps, value)]``: the metric of the clean model (``eps = 0``, required, first)
+            and under the gradient-based corruption of norm ``eps`` (``p = corruption_p``, at most
+            ``corruption_n`` parameters); each becomes a ``model-index`` entry, the corrupted ones
+            with ``metric_config = "gradient-corruption p=<p> n=<n> eps=<eps>"``.
+        task_type, metric_type: hub identifiers (``"translation"``, ``"bleu"``); ``metric_name``
+            is the human-readable name (``"BLEU"``).
+        dataset_name, dataset_type, dataset_split, dataset_config: the evaluation data
+            (``dataset_type`` is a hub id where there is one); ``hub_datasets``: hub ids of the
+            training data for the ``datasets`` metadata (empty for local files).
+        acr: ``{"eps", "p", "alpha", "n"}`` of ACR training, ``None`` for a baseline.
+        training: other hyperparameters listed in the card (name -> value).
+    """
+    if not results or results[0][0] != 0:
+        raise ValueError("results must start with the clean result (eps = 0)")
+    for eps, _ in results[1:]:
+        check_eps(eps, name="results eps")
+    corruption_p, corruption_n = check_p(corruption_p, name="corruption_p"), check_n(corruption_n, name="corruption_n")
+    template_path = Path(template_path)
+    if not template_path.is_file():
+        raise FileNotFoundError(f"model card template not found: {template_path} (pass template_path=...)")
+
+    def result(value: float, name: str, config: str | None) -> EvalResult:
+        return EvalResult(
+            task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name,
+            dataset_config=dataset_config, dataset_split=dataset_split, metric_type=metric_type,
+            metric_name=name, metric_value=float(value), metric_config=config,
+        )
+
+    n_label = "all" if corruption_n is None else corruption_n
+    eval_results = [result(results[0][1], metric_name, None)]
+    for eps, value in results[1:]:
+        eval_results.append(
+            result(value, f"{metric_name} (gradient corruption, L{corruption_p:g} eps={eps:g})",
+                   f"gradient-corruption p={corruption_p:g} n={n_label} eps={eps:g}")
+        )
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        datasets=list(hub_datasets) or None,
+        language=language,
+        license=license,
+        library_name="transformers",
+        metrics=[metric_type],
+        tags=["acr-optim", "parameter-corruption", "robustness", task_type, "acr" if acr else "baseline"],
+        eval_results=eval_results,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        description=description,
+        acr=dict(acr) if acr else None,
+        metric_name=metric_name,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
+        corruption_p=f"{corruption_p:g}",
+        corruption_n=corruption_n,
+        results=[(eps, value) for eps, value in results],
+        training=dict(training) if training else None,
+        intended_use=intended_use,
+    )
+    path = Path(output_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    card.save(path)
+    return path

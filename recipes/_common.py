@@ -1,0 +1,302 @@
+"""What ``recipes/de_en.py`` and ``recipes/lm.py`` share: arguments, data files, locally trained
+tokenizers, the ACR optimizer, the robustness evaluation and the closing summary.
+
+Kept next to the recipes (``accelerate launch recipes/de_en.py`` puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+
+from acr_optim import ACR
+from acr_optim.corruption import check_eps, check_n, check_p
+from acr_optim.integrations.hf import ACRCallback
+from acr_optim.optimizer import check_alpha
+from acr_optim.probe import corrupted, estimate_indicator
+
+RECIPES = Path(__file__).resolve().parent
+EMBEDDED_DATA = RECIPES / "data" / "de_en_small"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class RecipeArguments:
+    """Model, data, ACR and robustness-evaluation options shared by the recipes."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained model (hub id or local path) to fine-tune."}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "Config (hub id, folder or config.json) of a model trained from scratch; "
+                  "default: the recipe's tiny config. Ignored with --model_name_or_path."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained tokenizer (default: the model's; with neither, one is trained on the "
+                  "training texts and saved in output_dir)."},
+    )
+    tokenizer_vocab_size: int = field(default=4000, metadata={"help": "Vocabulary size of a locally trained tokenizer."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. wmt16."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. de-en."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data (see the recipe's docstring)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same format."})
+    test_file: str | None = field(default=None, metadata={"help": "Test data, same format."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N test examples."})
+    acr_eps: float = field(default=0.05, metadata={"help": "ACR corruption norm eps (> 0)."})
+    acr_p: float = field(default=2.0, metadata={"help": "ACR corruption L_p norm, 1 <= p <= inf."})
+    acr_alpha: float = field(default=0.5, metadata={"help": "ACR weight of the corrupted loss, 0 <= alpha <= 1."})
+    acr_n: int | None = field(default=None, metadata={"help": "ACR L0 limit: corrupt at most n parameters."})
+    no_acr: bool = field(default=False, metadata={"help": "Baseline: the Trainer's own optimizer, no ACR."})
+    corruption_eval_eps: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 1.0],
+        metadata={"help": "eps values of the gradient-based corruption the final model is evaluated under."},
+    )
+    corruption_eval_p: float = field(default=2.0, metadata={"help": "L_p norm of the evaluation corruption."})
+    corruption_eval_n: int | None = field(default=None, metadata={"help": "L0 limit of the evaluation corruption."})
+
+    def __post_init__(self) -> None:
+        check_eps(self.acr_eps, name="--acr_eps")
+        check_p(self.acr_p, name="--acr_p")
+        check_alpha(self.acr_alpha, name="--acr_alpha")
+        check_n(self.acr_n, name="--acr_n")
+        for eps in self.corruption_eval_eps:
+            check_eps(eps, name="--corruption_eval_eps")
+        check_p(self.corruption_eval_p, name="--corruption_eval_p")
+        check_n(self.corruption_eval_n, name="--corruption_eval_n")
+        if self.tokenizer_vocab_size < 100:
+            raise ValueError(f"--tokenizer_vocab_size must be >= 100, got {self.tokenizer_vocab_size}")
+        if self.dataset_name and (self.train_file or self.validation_file or self.test_file):
+            raise ValueError("give either --dataset_name or --train_file/--validation_file/--test_file, not both")
+
+    @property
+    def acr_config(self) -> dict[str, Any] | None:
+        """``{"eps", "p", "alpha", "n"}`` of the ACR run, ``None`` for the baseline."""
+        if self.no_acr:
+            return None
+        return {"eps": self.acr_eps, "p": self.acr_p, "alpha": self.acr_alpha, "n": self.acr_n}
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file, gzip-compressed or not (detected from the content), without newlines."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def _existing(candidates: Iterable[Path]) -> Path | None:
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def parallel_files(spec: str, source_lang: str, target_lang: str) -> tuple[Path, Path]:
+    """The ``(source, target)`` files of a line-aligned pair named by ``spec``.
+
+    ``spec`` is a prefix (``data/train`` for ``data/train.de`` + ``data/train.en``, each optionally
+    ``.gz``) or the source file itself (``data/train.de.gz``: the target is ``data/train.en.gz``).
+    """
+    path = Path(spec)
+    for suffix in ("", ".gz"):
+        name = f".{source_lang}{suffix}"
+        if path.name.endswith(name) and path.is_file():
+            stem = path.name[: -len(name)]
+            target = _existing(path.with_name(f"{stem}.{target_lang}{s}") for s in (suffix, ".gz", ""))
+            if target is None:
+                raise FileNotFoundError(f"{spec}: no target file {stem}.{target_lang}[.gz] next to it")
+            return path, target
+    source = _existing(Path(f"{spec}.{source_lang}{s}") for s in ("", ".gz"))
+    target = _existing(Path(f"{spec}.{target_lang}{s}") for s in ("", ".gz"))
+    if source is None or target is None:
+        raise FileNotFoundError(
+            f"{spec}: expected {spec}.{source_lang}[.gz] and {spec}.{target_lang}[.gz], or a source file "
+            f"ending in .{source_lang} / .{source_lang}.gz, or a .json/.jsonl file"
+        )
+    return source, target
+
+
+def load_parallel_file(spec: str, source_lang: str, target_lang: str) -> Dataset:
+    """A ``translation`` dataset (``{"translation": {src: ..., tgt: ...}}`` rows, as on the hub) from ``spec``:
+    JSON lines with that column, or a line-aligned pair (see :func:`parallel_files`)."""
+    if spec.endswith((".json", ".jsonl")):
+        return load_dataset("json", data_files=spec, split="train")
+    source, target = parallel_files(spec, source_lang, target_lang)
+    src, tgt = read_lines(source), read_lines(target)
+    if len(src) != len(tgt):
+        raise ValueError(f"{source} has {len(src)} lines but {target} has {len(tgt)}: the files must be line-aligned")
+    return Dataset.from_dict({"translation": [{source_lang: s, target_lang: t} for s, t in zip(src, tgt)]})
+
+
+def load_text_file(spec: str) -> Dataset:
+    """A ``text`` dataset, one row a line, from a ``.txt`` file (gzip or not) or JSON lines with a ``text`` column."""
+    if spec.endswith((".json", ".jsonl")):
+        return load_dataset("json", data_files=spec, split="train")
+    return Dataset.from_dict({"text": read_lines(spec)})
+
+
+def load_splits(args: RecipeArguments, load_file, defaults: dict[str, str]) -> DatasetDict:
+    """``train``/``validation``/``test`` from the hub (``--dataset_name``), from files, or from ``defaults``.
+
+    ``load_file(spec)`` reads one file argument; ``defaults`` are used when neither the hub nor
+    any file is given.  Each split is cut to its ``--max_*_samples``.
+    """
+    if args.dataset_name:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    else:
+        files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+        if not any(files.values()):
+            files = defaults
+        raw = DatasetDict({split: load_file(spec) for split, spec in files.items() if spec})
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_predict_samples}
+    for split, limit in limits.items():
+        if split in raw and limit is not None:
+            raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    return raw
+
+
+# -- tokenizers ----------------------------------------------------------------------------------
+
+
+def train_sentencepiece_style_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer over whitespace-marked pieces (``▁``, as SentencePiece and Marian), shared by both
+    languages; every encoding ends with ``</s>``.  Special tokens: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"])
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def train_byte_level_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE tokenizer (no unknown tokens); ``<|endoftext|>`` (id 0) is bos, eos and pad."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, pad_token=eot)
+
+
+def local_tokenizer(training_args: TrainingArguments, train, texts: Sequence[str], vocab_size: int):
+    """Train a tokenizer on the main process, save it under ``output_dir/tokenizer`` and load it everywhere,
+    so that every process of a multi-process run uses the same vocabulary."""
+    folder = Path(training_args.output_dir) / "tokenizer"
+    with training_args.main_process_first(desc="training the tokenizer"):
+        if training_args.local_process_index == 0:
+            train(texts, vocab_size).save_pretrained(folder)
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+# -- ACR -----------------------------------------------------------------------------------------
+
+
+def acr_optimizer(
+    model: torch.nn.Module, args: RecipeArguments, training_args: TrainingArguments
+) -> tuple[tuple[torch.optim.Optimizer | None, None], list[TrainerCallback]]:
+    """``(optimizers, callbacks)`` for the Trainer: ACR around AdamW (the Trainer's AdamW settings, one
+    param group, so the corruption constraint ``||a||_p = eps`` covers the whole model), or the
+    Trainer's own optimizer for ``--no_acr``."""
+    if args.no_acr:
+        return (None, None), []
+    base = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=training_args.learning_rate,
+        betas=(training_args.adam_beta1, training_args.adam_beta2),
+        eps=training_args.adam_epsilon,
+        weight_decay=training_args.weight_decay,
+    )
+    optimizer = ACR(base, eps=args.acr_eps, p=args.acr_p, alpha=args.acr_alpha, n=args.acr_n)
+    return (optimizer, None), [ACRCallback()]
+
+
+# -- robustness ----------------------------------------------------------------------------------
+
+
+def evaluate_under_corruption(
+    trainer: Trainer, dataset: Dataset, args: RecipeArguments, metric_key_prefix: str = "eval"
+) -> dict[str, float]:
+    """The Trainer's evaluation of ``dataset`` at ``w + a`` for each ``eps`` of ``--corruption_eval_eps``.
+
+    ``a`` is the gradient-based corruption (paper Eq. 10) in ``{||a||_p = eps, ||a||_0 <= n}`` built
+    from the gradient of the mean loss over ``dataset`` (dropout off), computed by
+    :func:`acr_optim.probe.estimate_indicator` on every process over the whole dataset, so all
+    processes apply the same ``a``.  The weights are restored bit-exactly after each evaluation.
+
+    Returns ``{f"{prefix}_corrupted_eps_{eps}_{key}": value}`` for each metric of the evaluation,
+    plus ``..._loss_increase`` (the measured ``L(w + a) - L(w)``, the corruption indicator).
+    """
+    model = trainer.model
+    loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    device = trainer.args.device
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in loader]
+    results: dict[str, float] = {}
+    for eps in args.corruption_eval_eps:
+        indicator = estimate_indicator(
+            model, batches, eps=eps, p=args.corruption_eval_p, n=args.corruption_eval_n, method="gradient"
+        )
+        prefix = f"{metric_key_prefix}_corrupted_eps_{eps:g}"
+        with corrupted(model, indicator.corruption):
+            metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+        metrics[f"{prefix}_loss_increase"] = indicator.delta_loss
+        results.update({k: v for k, v in metrics.items() if not k.endswith(("_runtime", "per_second"))})
+    return results
+
+
+def robustness_rows(
+    metrics: dict[str, float], metric: str, args: RecipeArguments, metric_key_prefix: str = "eval"
+) -> list[tuple[float, float]]:
+    """``[(eps, value of metric)]`` from the clean and corrupted evaluations in ``metrics``; first row ``eps = 0``."""
+    rows = [(0.0, metrics[f"{metric_key_prefix}_{metric}"])]
+    for eps in args.corruption_eval_eps:
+        rows.append((eps, metrics[f"{metric_key_prefix}_corrupted_eps_{eps:g}_{metric}"]))
+    return rows
+
+
+def summary(title: str, lines: Sequence[str], rows: Sequence[tuple[float, float]], metric: str,
+            args: RecipeArguments) -> str:
+    """A short human-readable report: the run, then the metric clean and under each corruption."""
+    n = "all" if args.corruption_eval_n is None else f"{args.corruption_eval_n:,}"
+    width = max(len(title), 60)
+    out = ["=" * width, title, "-" * width, *lines, "",
+           f"{metric} under gradient-based parameter corruption (L{args.corruption_eval_p:g} norm eps, "
+           f"{n} parameters):"]
+    for eps, value in rows:
+        label = "clean" if eps == 0 else f"eps = {eps:g}"
+        out.append(f"  {label:<14} {value:8.2f}")
+    out.append("=" * width)
+    return "\n".join(out)
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, ``inf`` when it overflows (a corrupted model can have a huge loss)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
