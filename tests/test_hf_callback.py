@@ -198,10 +198,11 @@ def test_logs_report_the_corruption(tmp_path):
         assert 0 < log["acr/loss_gap"] < 2 * log["acr/first_order_gain"]
 
 
-def test_bf16_autocast_trains_and_logs(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # on CPU accelerate autocasts fp16 without a GradScaler
+def test_mixed_precision_trains_and_logs(tmp_path, precision):
     model = make_model()
     before = weights(model)
-    trainer = train(tmp_path, model, callback=ACRCallback(eps=0.1, alpha=0.5), bf16=True, max_steps=2)
+    trainer = train(tmp_path, model, callback=ACRCallback(eps=0.1, alpha=0.5), max_steps=2, **{precision: True})
     log = trainer.state.log_history[0]
     assert all(math.isfinite(log[key]) for key in ACR_KEYS | {"loss"})
     assert all(not torch.equal(a, b) for a, b in zip(before, weights(model)))
