@@ -27,8 +27,7 @@ def penalized_loss(loss: Tensor, params: Iterable[Tensor], lam: float, p: float 
     params = [w for w in params if w.requires_grad]
     if lam == 0 or not params:
         return loss
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    grads = [g for g in grads if g is not None]
+    grads = [g for g in torch.autograd.grad(loss, params, create_graph=True, allow_unused=True) if g is not None]
     if not grads:
         return loss
     return loss + first_order_gain(grads, lam, p, n).to(loss.dtype)
