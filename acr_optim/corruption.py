@@ -91,39 +91,103 @@ def dual_exponent(p: float) -> float:
 def top_n_indices(tensors: Sequence[Tensor], n: int) -> list[Tensor]:
     """Flat (row-major) indices of the ``n`` entries of largest magnitude over all ``tensors`` together.
 
-    Returns one int64 index tensor per input tensor (possibly empty), exactly ``min(n, total)``
-    indices in all; ties are broken by ``torch.topk``.  The selection runs tensor by tensor and
-    keeps a running top-n, so besides the output it holds at most ``2n`` candidates plus one
-    transient ``|t|`` for the tensor being scanned: no concatenated copy of all the tensors.
+    Returns one int64 index tensor per input tensor (possibly empty, sorted), exactly
+    ``min(n, total)`` indices in all; ties at the cut are broken deterministically, and NaN counts
+    as the largest magnitude (as in ``torch.topk``).
+
+    Exact threshold selection in about one pass: a fixed-seed sample of ``|x|`` gives a threshold
+    ``tau`` just below the ``n``-th largest magnitude with overwhelming probability (the sample's
+    order statistic ``4`` standard deviations above the expected rank); one pass over the tensors
+    collects the candidates ``|x| > tau`` (about ``n + 4 sqrt(n k / s)`` of them for ``s``
+    samples) and a ``topk`` among them gives the exact top-n.  If fewer than ``n`` lie above
+    ``tau``, entries equal to ``tau`` fill up, and a ``tau`` that turns out too high is lowered and
+    the pass repeated (rare).  Memory: the candidates, plus one ``|t|`` and one mask buffer the size
+    of the largest tensor; no concatenated copy of the tensors.  The global RNG is not touched.
     """
     n = check_n(n)
-    best_val: Tensor | None = None  # running top-n magnitudes (float32)
-    best_src: Tensor | None = None  # which tensor each came from
-    best_idx: Tensor | None = None  # flat index inside that tensor
+    tensors = [t.detach() for t in tensors]
     device = tensors[0].device if tensors else torch.device("cpu")
-    for i, t in enumerate(tensors):
+    sizes = [t.numel() for t in tensors]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    total = offsets[-1]
+    if total == 0:
+        return [torch.empty(0, dtype=torch.long, device=t.device) for t in tensors]
+    n = min(n, total)
+    sample = _magnitude_sample(tensors, total)
+    rank = n * sample.numel() / total
+    rank = math.ceil(rank + 4 * math.sqrt(rank) + 1)
+    while True:
+        if rank > sample.numel():
+            tau = -INF
+        else:
+            tau = sample.kthvalue(sample.numel() - rank + 1).values.item()
+        chosen = _above(tensors, offsets, tau, n, device)
+        if chosen is not None:
+            break
+        rank *= 4
+    chosen = chosen.sort().values
+    bounds = torch.searchsorted(chosen, torch.tensor(offsets, device=device)).tolist()
+    return [(chosen[bounds[i] : bounds[i + 1]] - offsets[i]).to(t.device) for i, t in enumerate(tensors)]
+
+
+_SAMPLE_SIZE = 1 << 16
+
+
+def _magnitude_sample(tensors: Sequence[Tensor], total: int) -> Tensor:
+    """``|x|`` at about ``_SAMPLE_SIZE`` positions drawn uniformly (fixed seed, with replacement), float32/64."""
+    acc = _accumulation_dtype(tensors)
+    device = tensors[0].device
+    parts = []
+    for t in tensors:
         if t.numel() == 0:
             continue
-        mag = t.detach().reshape(-1).abs()
-        val, idx = torch.topk(mag, min(n, mag.numel()), sorted=False)
-        val = val.to(device=device, dtype=torch.float32)
-        idx = idx.to(device)
-        src = torch.full_like(idx, i)
-        if best_val is not None:
-            val = torch.cat([best_val, val])
-            idx = torch.cat([best_idx, idx])
-            src = torch.cat([best_src, src])
-            if val.numel() > n:
-                keep = torch.topk(val, n, sorted=False).indices
-                val, idx, src = val[keep], idx[keep], src[keep]
-        best_val, best_idx, best_src = val, idx, src
-    out = []
-    for i, t in enumerate(tensors):
-        if best_src is None:
-            out.append(torch.empty(0, dtype=torch.long, device=t.device))
-        else:
-            out.append(torch.sort(best_idx[best_src == i]).values.to(t.device))
-    return out
+        count = math.ceil(_SAMPLE_SIZE * t.numel() / total)
+        gen = torch.Generator(t.device).manual_seed(0)
+        pos = torch.randint(t.numel(), (count,), generator=gen, device=t.device)
+        parts.append(t.reshape(-1)[pos].abs().to(device, acc))
+    sample = torch.cat(parts)
+    return torch.where(sample.isnan(), torch.inf, sample)
+
+
+def _above(tensors: Sequence[Tensor], offsets: list[int], tau: float, n: int, device: torch.device) -> Tensor | None:
+    """Global flat indices of the top ``n`` given that it lies in ``|x| >= tau``; None when fewer than ``n`` do."""
+    acc = _accumulation_dtype(tensors)
+    values, indices = [], []
+    # one |t| and one mask buffer per dtype and device, reused tensor after tensor: fresh large
+    # temporaries per tensor cost page faults on CPU
+    scratch: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+    largest = max(t.numel() for t in tensors)
+    for t, offset in zip(tensors, offsets):
+        if t.numel() == 0:
+            continue
+        key = (t.dtype, t.device)
+        if key not in scratch:
+            scratch[key] = (t.new_empty(largest), torch.empty(largest, dtype=torch.bool, device=t.device))
+        mag, mask = (buf[: t.numel()] for buf in scratch[key])
+        torch.abs(t.reshape(-1), out=mag)
+        idx = torch.le(mag, tau, out=mask).logical_not_().nonzero().squeeze(1)  # ``not <=`` also keeps NaN
+        values.append(mag[idx].to(device, acc))
+        indices.append(idx.to(device) + offset)
+    values, indices = torch.cat(values), torch.cat(indices)
+    if values.numel() >= n:
+        if values.numel() > n:
+            indices = indices[torch.topk(values, n, sorted=False).indices]
+        return indices
+    missing = n - values.numel()
+    ties = []
+    for t, offset in zip(tensors, offsets):
+        if missing == 0:
+            break
+        if t.numel() == 0:
+            continue
+        idx = (t.reshape(-1).abs() == tau).nonzero().squeeze(1)[:missing]
+        ties.append(idx.to(device) + offset)
+        missing -= idx.numel()
+    if missing > 0:
+        return None
+    return torch.cat([indices, *ties])
 
 
 def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:

@@ -292,7 +292,7 @@ class ACR(Optimizer):
             elif alpha == 0:
                 for p in params:
                     p.grad = None
-            else:
+            elif alpha != 0.5:  # at 0.5 the factor is exactly 1: skip a pass over the gradients
                 torch._foreach_mul_(grads, (1 - alpha) / alpha)
             pending.grads.append((alpha, params, grads))
 
