@@ -77,17 +77,26 @@ def write_model_card(
 
     def result(value: float, name: str, config: str | None) -> EvalResult:
         return EvalResult(
-            task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name,
-            dataset_config=dataset_config, dataset_split=dataset_split, metric_type=metric_type,
-            metric_name=name, metric_value=float(value), metric_config=config,
+            task_type=task_type,
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            dataset_split=dataset_split,
+            metric_type=metric_type,
+            metric_name=name,
+            metric_value=float(value),
+            metric_config=config,
         )
 
     n_label = "all" if corruption_n is None else corruption_n
     eval_results = [result(results[0][1], metric_name, None)]
     for eps, value in results[1:]:
         eval_results.append(
-            result(value, f"{metric_name} (gradient corruption, L{corruption_p:g} eps={eps:g})",
-                   f"gradient-corruption p={corruption_p:g} n={n_label} eps={eps:g}")
+            result(
+                value,
+                f"{metric_name} (gradient corruption, L{corruption_p:g} eps={eps:g})",
+                f"gradient-corruption p={corruption_p:g} n={n_label} eps={eps:g}",
+            )
         )
     card_data = ModelCardData(
         model_name=model_name,

@@ -7,8 +7,7 @@ Kept next to the recipes (``accelerate launch recipes/de_en.py`` puts this folde
 from __future__ import annotations
 
 import gzip
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,21 @@ class RecipeArguments:
     )
     model_config: str | None = field(
         default=None,
-        metadata={"help": "Config (hub id, folder or config.json) of a model trained from scratch; "
-                  "default: the recipe's tiny config. Ignored with --model_name_or_path."},
+        metadata={
+            "help": "Config (hub id, folder or config.json) of a model trained from scratch; "
+            "default: the recipe's tiny config. Ignored with --model_name_or_path."
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": "Pretrained tokenizer (default: the model's; with neither, one is trained on the "
-                  "training texts and saved in output_dir)."},
+        metadata={
+            "help": "Pretrained tokenizer (default: the model's; with neither, one is trained on the "
+            "training texts and saved in output_dir)."
+        },
     )
-    tokenizer_vocab_size: int = field(default=4000, metadata={"help": "Vocabulary size of a locally trained tokenizer."})
+    tokenizer_vocab_size: int = field(
+        default=2000, metadata={"help": "Vocabulary size of a locally trained tokenizer."}
+    )
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. wmt16."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. de-en."})
     train_file: str | None = field(default=None, metadata={"help": "Training data (see the recipe's docstring)."})
@@ -62,7 +67,7 @@ class RecipeArguments:
     acr_n: int | None = field(default=None, metadata={"help": "ACR L0 limit: corrupt at most n parameters."})
     no_acr: bool = field(default=False, metadata={"help": "Baseline: the Trainer's own optimizer, no ACR."})
     corruption_eval_eps: list[float] = field(
-        default_factory=lambda: [0.1, 0.3, 1.0],
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
         metadata={"help": "eps values of the gradient-based corruption the final model is evaluated under."},
     )
     corruption_eval_p: float = field(default=2.0, metadata={"help": "L_p norm of the evaluation corruption."})
@@ -151,7 +156,7 @@ def load_text_file(spec: str) -> Dataset:
     return Dataset.from_dict({"text": read_lines(spec)})
 
 
-def load_splits(args: RecipeArguments, load_file, defaults: dict[str, str]) -> DatasetDict:
+def load_splits(args: RecipeArguments, load_file: Callable[[str], Dataset], defaults: dict[str, str]) -> DatasetDict:
     """``train``/``validation``/``test`` from the hub (``--dataset_name``), from files, or from ``defaults``.
 
     ``load_file(spec)`` reads one file argument; ``defaults`` are used when neither the hub nor
@@ -204,7 +209,12 @@ def train_byte_level_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrai
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, pad_token=eot)
 
 
-def local_tokenizer(training_args: TrainingArguments, train, texts: Sequence[str], vocab_size: int):
+def local_tokenizer(
+    training_args: TrainingArguments,
+    train: Callable[[Iterable[str], int], PreTrainedTokenizerFast],
+    texts: Sequence[str],
+    vocab_size: int,
+) -> PreTrainedTokenizerFast:
     """Train a tokenizer on the main process, save it under ``output_dir/tokenizer`` and load it everywhere,
     so that every process of a multi-process run uses the same vocabulary."""
     folder = Path(training_args.output_dir) / "tokenizer"
@@ -279,24 +289,22 @@ def robustness_rows(
     return rows
 
 
-def summary(title: str, lines: Sequence[str], rows: Sequence[tuple[float, float]], metric: str,
-            args: RecipeArguments) -> str:
+def summary(
+    title: str, lines: Sequence[str], rows: Sequence[tuple[float, float]], metric: str, args: RecipeArguments
+) -> str:
     """A short human-readable report: the run, then the metric clean and under each corruption."""
     n = "all" if args.corruption_eval_n is None else f"{args.corruption_eval_n:,}"
     width = max(len(title), 60)
-    out = ["=" * width, title, "-" * width, *lines, "",
-           f"{metric} under gradient-based parameter corruption (L{args.corruption_eval_p:g} norm eps, "
-           f"{n} parameters):"]
+    out = [
+        "=" * width,
+        title,
+        "-" * width,
+        *lines,
+        "",
+        (f"{metric} under gradient-based parameter corruption (L{args.corruption_eval_p:g} norm eps, {n} parameters):"),
+    ]
     for eps, value in rows:
         label = "clean" if eps == 0 else f"eps = {eps:g}"
         out.append(f"  {label:<14} {value:8.2f}")
     out.append("=" * width)
     return "\n".join(out)
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)``, ``inf`` when it overflows (a corrupted model can have a huge loss)."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf

@@ -23,6 +23,7 @@ perplexity under corruption, see ``--corruption_eval_eps``) and a model card ``R
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     EMBEDDED_DATA,
     RecipeArguments,
     acr_optimizer,
@@ -48,15 +49,15 @@ from _common import (  # noqa: E402
     load_splits,
     load_text_file,
     local_tokenizer,
-    perplexity,
     robustness_rows,
     summary,
     train_byte_level_tokenizer,
 )
 
-from acr_optim.hub import write_model_card  # noqa: E402
+from acr_optim.hub import write_model_card
 
 # The recipe's defaults, put before the command line so any of them can be overridden there.
+# fmt: off
 DEFAULTS = [
     "--output_dir", "outputs/lm",
     "--num_train_epochs", "20",
@@ -68,15 +69,25 @@ DEFAULTS = [
     "--save_strategy", "no",
     "--report_to", "none",
 ]
+# fmt: on
 
 # A tiny GPT-2 (about 0.4M parameters besides the embeddings) for the default run.
-TINY_GPT2 = dict(n_embd=128, n_layer=2, n_head=4, n_inner=512, n_positions=256)
+TINY_GPT2 = {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_inner": 512, "n_positions": 256}
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, ``inf`` when it overflows (a corrupted model can have a huge loss)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 @dataclass
 class LMArguments(RecipeArguments):
-    tokenizer_vocab_size: int = field(default=2000, metadata={"help": "Vocabulary size of a locally trained tokenizer."})
-    block_size: int = field(default=64, metadata={"help": "Training sequences: the text cut into blocks of this many tokens."})
+    block_size: int = field(
+        default=64, metadata={"help": "Training sequences: the text cut into blocks of this many tokens."}
+    )
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Percentage of the training lines held out when there is no validation set."}
     )
@@ -91,12 +102,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     raw = load_splits(
         args,
         load_text_file,
-        defaults={split: str(EMBEDDED_DATA / f"{name}.en") for split, name in
-                  [("train", "train"), ("validation", "valid"), ("test", "test")]},
+        defaults={
+            split: str(EMBEDDED_DATA / f"{name}.en")
+            for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
+        },
     )
     raw = raw.filter(lambda row: row["text"].strip() != "")
     if "validation" not in raw:
-        held_out = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=training_args.seed)
+        held_out = raw["train"].train_test_split(
+            test_size=args.validation_split_percentage / 100, seed=training_args.seed
+        )
         raw["train"], raw["validation"] = held_out["train"], held_out["test"]
 
     # Tokenizer and model: pretrained, or from a config with a tokenizer trained on the training texts.
@@ -107,18 +122,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if args.tokenizer_name:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
         else:
-            tokenizer = local_tokenizer(training_args, train_byte_level_tokenizer, raw["train"]["text"],
-                                        args.tokenizer_vocab_size)
+            tokenizer = local_tokenizer(
+                training_args, train_byte_level_tokenizer, raw["train"]["text"], args.tokenizer_vocab_size
+            )
         config = AutoConfig.from_pretrained(args.model_config) if args.model_config else GPT2Config(**TINY_GPT2)
-        config.update(dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id))
+        config.update(
+            {
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+            }
+        )
         model = AutoModelForCausalLM.from_config(config)
     block_size = args.block_size
 
     def tokenize_and_group(batch):
         """Each line's tokens then EOS, all concatenated and cut into ``block_size`` blocks (the remainder dropped)."""
         ids = [token for line in tokenizer(batch["text"])["input_ids"] for token in [*line, tokenizer.eos_token_id]]
-        blocks = [ids[i: i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+        blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks}
 
     with training_args.main_process_first(desc="tokenizing"):
@@ -152,8 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     rows = robustness_rows(metrics, "perplexity", args)
-    robustness = {"metric": "perplexity", "p": args.corruption_eval_p, "n": args.corruption_eval_n,
-                  "rows": [{"eps": eps, "perplexity": ppl} for eps, ppl in rows]}
+    robustness = {
+        "metric": "perplexity",
+        "p": args.corruption_eval_p,
+        "n": args.corruption_eval_n,
+        "rows": [{"eps": eps, "perplexity": ppl} for eps, ppl in rows],
+    }
     trainer.save_metrics("robustness", {"robustness": robustness})
     if "test" in data and len(data["test"]):
         test_metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
@@ -164,14 +189,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if trainer.is_world_process_zero():
         on_hub = bool(args.dataset_name)
-        dataset = args.dataset_name or ("de_en_small (English side)" if not args.train_file
-                                        else Path(args.train_file).name)
-        kind = f"ACR (eps={args.acr_eps:g}, p={args.acr_p:g}, alpha={args.acr_alpha:g})" if not args.no_acr else "baseline"
+        dataset = args.dataset_name or (
+            "de_en_small (English side)" if not args.train_file else Path(args.train_file).parent.name
+        )
+        kind = (
+            f"ACR (eps={args.acr_eps:g}, p={args.acr_p:g}, alpha={args.acr_alpha:g})" if not args.no_acr else "baseline"
+        )
         write_model_card(
             training_args.output_dir,
             model_name=Path(training_args.output_dir).name,
             description=f"A causal language model ({type(model).__name__}, {model.num_parameters():,} parameters), "
-                        f"trained on {dataset}, {kind}.",
+            f"trained on {dataset}, {kind}.",
             task_type="text-generation",
             metric_type="perplexity",
             metric_name="Perplexity",
@@ -185,18 +213,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             acr=args.acr_config,
             base_model=args.model_name_or_path,
             language="en",
-            training={k: getattr(training_args, k) for k in ("learning_rate", "num_train_epochs",
-                                                               "per_device_train_batch_size", "seed")}
+            training={
+                k: getattr(training_args, k)
+                for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed")
+            }
             | {"block_size": block_size},
         )
-        lines = [f"training: {kind}, {len(data['train']):,} blocks of {block_size} tokens, "
-                 f"{train_result.metrics['train_runtime']:.0f} s",
-                 f"model:    {type(model).__name__}, {model.num_parameters():,} parameters"]
+        lines = [
+            (
+                f"training: {kind}, {len(data['train']):,} blocks of {block_size} tokens, "
+                f"{train_result.metrics['train_runtime']:.0f} s"
+            ),
+            f"model:    {type(model).__name__}, {model.num_parameters():,} parameters",
+        ]
         if "test_perplexity" in metrics:
             lines.append(f"test perplexity: {metrics['test_perplexity']:.2f}")
         lines.append(f"results:  {training_args.output_dir}")
-        print(summary(f"Causal LM, validation perplexity ({len(data['validation'])} blocks)",
-                      lines, rows, "perplexity", args))
+        print(
+            summary(
+                f"Causal LM, validation perplexity ({len(data['validation'])} blocks)", lines, rows, "perplexity", args
+            )
+        )
     return metrics
 
 

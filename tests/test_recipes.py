@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
-from huggingface_hub import ModelCard  # noqa: E402
+from huggingface_hub import ModelCard
 
-from acr_optim.hub import write_model_card  # noqa: E402
+from acr_optim.hub import write_model_card
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 sys.path.insert(0, str(RECIPES))
 
-import _common  # noqa: E402
-import de_en  # noqa: E402
-import lm  # noqa: E402
+import _common
+import de_en
+import lm
 
 LINES = ["Der Hund schläft.", "Es regnet.\r", "", "Ein Mann liest die Zeitung."]
 
@@ -104,10 +104,20 @@ def test_recipe_arguments_are_validated():
 def test_model_card_parses_with_clean_and_corrupted_results(tmp_path):
     acr = {"eps": 0.05, "p": 2.0, "alpha": 0.5, "n": None}
     path = write_model_card(
-        tmp_path, model_name="tiny-de-en", task_type="translation", metric_type="bleu", metric_name="BLEU",
-        results=[(0.0, 21.5), (0.1, 17.25), (1.0, 3.0)], dataset_name="wmt16", dataset_type="wmt16",
-        dataset_config="de-en", hub_datasets=["wmt16"], acr=acr, language=["de", "en"],
-        base_model="Helsinki-NLP/opus-mt-de-en", training={"learning_rate": 2e-5},
+        tmp_path,
+        model_name="tiny-de-en",
+        task_type="translation",
+        metric_type="bleu",
+        metric_name="BLEU",
+        results=[(0.0, 21.5), (0.1, 17.25), (1.0, 3.0)],
+        dataset_name="wmt16",
+        dataset_type="wmt16",
+        dataset_config="de-en",
+        hub_datasets=["wmt16"],
+        acr=acr,
+        language=["de", "en"],
+        base_model="Helsinki-NLP/opus-mt-de-en",
+        training={"learning_rate": 2e-5},
     )
     assert path == tmp_path / "README.md"
     card = ModelCard.load(path)
@@ -118,7 +128,9 @@ def test_model_card_parses_with_clean_and_corrupted_results(tmp_path):
     results = data.eval_results
     assert [r.metric_value for r in results] == [21.5, 17.25, 3.0]
     assert [r.metric_config for r in results] == [
-        None, "gradient-corruption p=2 n=all eps=0.1", "gradient-corruption p=2 n=all eps=1"
+        None,
+        "gradient-corruption p=2 n=all eps=0.1",
+        "gradient-corruption p=2 n=all eps=1",
     ]
     assert {(r.task_type, r.dataset_type, r.dataset_config, r.metric_type) for r in results} == {
         ("translation", "wmt16", "de-en", "bleu")
@@ -130,8 +142,16 @@ def test_model_card_parses_with_clean_and_corrupted_results(tmp_path):
 
 def test_model_card_rejects_results_without_clean_row(tmp_path):
     with pytest.raises(ValueError, match="clean"):
-        write_model_card(tmp_path, model_name="m", task_type="translation", metric_type="bleu", metric_name="BLEU",
-                         results=[(0.1, 1.0)], dataset_name="d", dataset_type="local")
+        write_model_card(
+            tmp_path,
+            model_name="m",
+            task_type="translation",
+            metric_type="bleu",
+            metric_name="BLEU",
+            results=[(0.1, 1.0)],
+            dataset_name="d",
+            dataset_type="local",
+        )
 
 
 # -- the recipes, end to end ---------------------------------------------------------------------
@@ -144,16 +164,38 @@ def _card_and_results(output_dir: Path) -> tuple[ModelCard, dict]:
 
 def test_de_en_recipe_end_to_end(tmp_path, capsys):
     out = tmp_path / "de_en"
-    metrics = de_en.main([
-        "--output_dir", str(out), "--max_steps", "3", "--logging_steps", "1", "--max_train_samples", "64",
-        "--max_eval_samples", "8", "--max_predict_samples", "8", "--tokenizer_vocab_size", "300",
-        "--generation_max_length", "8", "--corruption_eval_eps", "0.1", "2.0", "--acr_eps", "0.1",
-    ])
+    metrics = de_en.main(
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "8",
+            "--max_predict_samples",
+            "8",
+            "--tokenizer_vocab_size",
+            "300",
+            "--generation_max_length",
+            "8",
+            "--corruption_eval_eps",
+            "0.1",
+            "2.0",
+            "--acr_eps",
+            "0.1",
+        ]
+    )
     card, results = _card_and_results(out)
     rows = results["robustness"]["rows"]
     assert [row["eps"] for row in rows] == [0.0, 0.1, 2.0]
     assert [row["bleu"] for row in rows] == [
-        results["eval_bleu"], results["eval_corrupted_eps_0.1_bleu"], results["eval_corrupted_eps_2_bleu"]
+        results["eval_bleu"],
+        results["eval_corrupted_eps_0.1_bleu"],
+        results["eval_corrupted_eps_2_bleu"],
     ]
     assert results["eval_corrupted_eps_2_loss"] > results["eval_corrupted_eps_0.1_loss"] > results["eval_loss"]
     assert results["eval_corrupted_eps_2_loss_increase"] > 0
@@ -169,16 +211,30 @@ def test_de_en_recipe_end_to_end(tmp_path, capsys):
 
 def test_lm_recipe_end_to_end_baseline(tmp_path):
     out = tmp_path / "lm"
-    lm.main([
-        "--output_dir", str(out), "--max_steps", "3", "--max_train_samples", "200", "--block_size", "32",
-        "--tokenizer_vocab_size", "400", "--corruption_eval_eps", "0.5", "--no_acr",
-    ])
+    lm.main(
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--max_train_samples",
+            "200",
+            "--block_size",
+            "32",
+            "--tokenizer_vocab_size",
+            "400",
+            "--corruption_eval_eps",
+            "0.5",
+            "--no_acr",
+        ]
+    )
     card, results = _card_and_results(out)
     assert results["eval_perplexity"] == math.exp(results["eval_loss"])
     assert results["eval_corrupted_eps_0.5_perplexity"] == math.exp(results["eval_corrupted_eps_0.5_loss"])
     assert results["test_perplexity"] == math.exp(results["test_loss"])
     assert [row["perplexity"] for row in results["robustness"]["rows"]] == [
-        results["eval_perplexity"], results["eval_corrupted_eps_0.5_perplexity"]
+        results["eval_perplexity"],
+        results["eval_corrupted_eps_0.5_perplexity"],
     ]
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert not any(key.startswith("acr/") for entry in log for key in entry)
@@ -188,10 +244,23 @@ def test_lm_recipe_end_to_end_baseline(tmp_path):
 @pytest.mark.skipif(not (SHARED / "wikitext-2").is_dir(), reason="../shared/data/wikitext-2 not available")
 def test_lm_recipe_reads_gzipped_wikitext(tmp_path):
     out = tmp_path / "wt"
-    lm.main([
-        "--output_dir", str(out), "--train_file", str(SHARED / "wikitext-2" / "valid.txt.gz"),
-        "--max_train_samples", "300", "--max_steps", "2", "--block_size", "32", "--tokenizer_vocab_size", "400",
-        "--corruption_eval_eps", "0.5",
-    ])
+    lm.main(
+        [
+            "--output_dir",
+            str(out),
+            "--train_file",
+            str(SHARED / "wikitext-2" / "valid.txt.gz"),
+            "--max_train_samples",
+            "300",
+            "--max_steps",
+            "2",
+            "--block_size",
+            "32",
+            "--tokenizer_vocab_size",
+            "400",
+            "--corruption_eval_eps",
+            "0.5",
+        ]
+    )
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_perplexity"] == math.exp(results["eval_loss"])
