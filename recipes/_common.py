@@ -53,7 +53,7 @@ class RecipeArguments:
     tokenizer_vocab_size: int = field(
         default=2000, metadata={"help": "Vocabulary size of a locally trained tokenizer."}
     )
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. wmt16."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. wmt/wmt16."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. de-en."})
     train_file: str | None = field(default=None, metadata={"help": "Training data (see the recipe's docstring)."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation data, same format."})

@@ -16,7 +16,7 @@ Line-aligned files (one sentence a line, gzip or not) are given by prefix, ``PRE
 JSON lines with a ``translation`` column, and hub datasets, work as in the Hugging Face examples::
 
     accelerate launch recipes/de_en.py --model_name_or_path Helsinki-NLP/opus-mt-de-en \\
-        --dataset_name wmt16 --dataset_config_name de-en --max_train_samples 20000 --learning_rate 2e-5
+        --dataset_name wmt/wmt16 --dataset_config_name de-en --max_train_samples 20000 --learning_rate 2e-5
 
 Every ``Seq2SeqTrainingArguments`` option works (``--num_train_epochs``, ``--bf16``, ...); the
 recipe's own defaults are the ``DEFAULTS`` below.  ``--no_acr`` trains the baseline.  Results go to

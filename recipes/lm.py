@@ -13,7 +13,7 @@ token) or JSON lines with a ``text`` column, and hub datasets, as in the Hugging
     accelerate launch recipes/lm.py --train_file ../shared/data/wikitext-2/valid.txt.gz \\
         --validation_file ../shared/data/wikitext-2/test.txt.gz
     accelerate launch recipes/lm.py --model_name_or_path gpt2 \\
-        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --learning_rate 5e-5
+        --dataset_name Salesforce/wikitext --dataset_config_name wikitext-2-raw-v1 --learning_rate 5e-5
 
 Without a validation set, ``--validation_split_percentage`` of the training lines are held out.
 Every ``TrainingArguments`` option works; the recipe's own defaults are the ``DEFAULTS`` below.
