@@ -17,9 +17,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_hf_callback import ACRCallback, assert_close, make_dataset, make_model, train, weights  # noqa: E402
+from test_hf_callback import ACRCallback, assert_close, make_dataset, make_model, train, weights
 
-from acr_optim import ACR  # noqa: E402
+from acr_optim import ACR
 
 GLOBAL_ROWS, MICRO_BATCHES, STEPS = 8, 2, 3
 
@@ -30,8 +30,12 @@ def acr_optimizer(model):
 
 def run(out, processes, per_replica=False):
     model = make_model()
-    settings = dict(per_device_train_batch_size=GLOBAL_ROWS // (MICRO_BATCHES * processes),
-                    gradient_accumulation_steps=MICRO_BATCHES, max_steps=STEPS, max_grad_norm=1.0)
+    settings = {
+        "per_device_train_batch_size": GLOBAL_ROWS // (MICRO_BATCHES * processes),
+        "gradient_accumulation_steps": MICRO_BATCHES,
+        "max_steps": STEPS,
+        "max_grad_norm": 1.0,
+    }
     train(out, model, acr_optimizer(model), ACRCallback(per_replica=per_replica), **settings)
     return weights(model)
 
@@ -45,12 +49,25 @@ def _free_port():
 def launch(tmp_path):
     out = tmp_path / "distributed.pt"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), __file__, str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        __file__,
+        str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
 
@@ -95,7 +112,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
 
 if __name__ == "__main__":  # the worker, one per process
     out = Path(sys.argv[1])
-    result = {mode: run(out.parent / mode, processes=2, per_replica=mode == "per_replica")
-              for mode in ("global", "per_replica")}
+    result = {
+        mode: run(out.parent / mode, processes=2, per_replica=mode == "per_replica")
+        for mode in ("global", "per_replica")
+    }
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, out)

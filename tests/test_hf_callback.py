@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from transformers import (  # noqa: E402
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     MarianConfig,
@@ -21,9 +21,9 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from acr_optim import ACR  # noqa: E402
-from acr_optim.integrations import hf  # noqa: E402
-from acr_optim.integrations.hf import ACRCallback  # noqa: E402
+from acr_optim import ACR
+from acr_optim.integrations import hf
+from acr_optim.integrations.hf import ACRCallback
 
 VOCAB, LENGTH, ROWS = 64, 12, 32
 ACR_KEYS = {"acr/corrupted_loss", "acr/loss_gap", "acr/corruption_norm", "acr/first_order_gain"}
@@ -32,8 +32,16 @@ ACR_KEYS = {"acr/corrupted_loss", "acr/loss_gap", "acr/corruption_norm", "acr/fi
 def make_model(dropout=0.0, seed=0):
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
     model = GPT2LMHeadModel(config)
     # transformers derives loss_type from the class name, which "GPT2LMHeadModel" does not match; without it the
@@ -53,18 +61,32 @@ def make_dataset(masked=True):
 
 
 def make_args(tmp_path, cls=TrainingArguments, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
-        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", seed=0,
-    )
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "train_sampling_strategy": "sequential",
+        "seed": 0,
+    }
     return cls(**{**defaults, **kwargs})
 
 
 def train(tmp_path, model, optimizer=None, callback=None, **kwargs):
     trainer = Trainer(
-        model=model, args=make_args(tmp_path, **kwargs), train_dataset=make_dataset(),
-        optimizers=(optimizer, None), callbacks=[] if callback is None else [callback],
+        model=model,
+        args=make_args(tmp_path, **kwargs),
+        train_dataset=make_dataset(),
+        optimizers=(optimizer, None),
+        callbacks=[] if callback is None else [callback],
     )
     trainer.train()
     return trainer
@@ -116,8 +138,13 @@ def test_gradient_accumulation_2x4_equals_1x8(tmp_path):
         model = make_model()
         optimizer = ACR(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), eps=0.1, p=2, alpha=0.7, n=500)
         trainer = train(
-            tmp_path / str(batch), model, optimizer, ACRCallback(),
-            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_grad_norm=1.0,
+            tmp_path / str(batch),
+            model,
+            optimizer,
+            ACRCallback(),
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=1.0,
         )
         runs.append((weights(model), trainer.state.log_history))
     (w_ga, logs_ga), (w_full, logs_full) = runs
@@ -129,8 +156,13 @@ def test_gradient_accumulation_2x4_equals_1x8(tmp_path):
 
 def test_alpha_zero_is_bitwise_the_plain_trainer(tmp_path):
     """With dropout, accumulation, clipping and the default linear schedule; both ways of giving the optimizer."""
-    settings = dict(gradient_accumulation_steps=2, max_grad_norm=1.0, lr_scheduler_type="linear",
-                    train_sampling_strategy="random", weight_decay=0.1)
+    settings = {
+        "gradient_accumulation_steps": 2,
+        "max_grad_norm": 1.0,
+        "lr_scheduler_type": "linear",
+        "train_sampling_strategy": "random",
+        "weight_decay": 0.1,
+    }
     plain = make_model(dropout=0.1)
     train(tmp_path / "plain", plain, **settings)
     rng_after_plain = torch.get_rng_state()
@@ -164,14 +196,21 @@ def test_corrupted_pass_sees_the_clean_dropout_masks_and_rng_continues(tmp_path)
 
 
 def test_resume_from_checkpoint_continues_identically(tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, train_sampling_strategy="random",
-                    lr_scheduler_type="linear", max_grad_norm=1.0)
+    settings = {
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "train_sampling_strategy": "random",
+        "lr_scheduler_type": "linear",
+        "max_grad_norm": 1.0,
+    }
 
     def run(out, resume=None):
         model = make_model(dropout=0.1)
         args = make_args(out, **settings)
-        trainer = Trainer(model=model, args=args, train_dataset=make_dataset(),
-                          callbacks=[ACRCallback(eps=0.1, alpha=0.5)])
+        trainer = Trainer(
+            model=model, args=args, train_dataset=make_dataset(), callbacks=[ACRCallback(eps=0.1, alpha=0.5)]
+        )
         trainer.train(resume_from_checkpoint=resume)
         return model, trainer
 
@@ -212,9 +251,20 @@ def test_seq2seq_trainer_matches_hand_written_acr_loop(tmp_path):
     def marian():
         torch.manual_seed(0)
         config = MarianConfig(
-            vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16,
-            pad_token_id=1, eos_token_id=0, decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0,
+            vocab_size=VOCAB,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=16,
+            pad_token_id=1,
+            eos_token_id=0,
+            decoder_start_token_id=1,
+            dropout=0.0,
+            attention_dropout=0.0,
         )
         return MarianMTModel(config)
 
@@ -223,11 +273,13 @@ def test_seq2seq_trainer_matches_hand_written_acr_loop(tmp_path):
     dataset = datasets.Dataset.from_dict({"input_ids": src.tolist(), "labels": tgt.tolist()})
     model = marian()
     # one micro-batch: Marian's loss ignores num_items_in_batch, which the Trainer believes it uses
-    args = make_args(tmp_path, Seq2SeqTrainingArguments, max_steps=2, per_device_train_batch_size=8,
-                     gradient_accumulation_steps=1)
+    args = make_args(
+        tmp_path, Seq2SeqTrainingArguments, max_steps=2, per_device_train_batch_size=8, gradient_accumulation_steps=1
+    )
     optimizer = ACR(torch.optim.SGD(model.parameters(), lr=0.5), eps=0.05, alpha=0.5)
-    Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
-                   callbacks=[ACRCallback()]).train()
+    Seq2SeqTrainer(
+        model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None), callbacks=[ACRCallback()]
+    ).train()
 
     reference_model = marian()
     reference = ACR(torch.optim.SGD(reference_model.parameters(), lr=0.5), eps=0.05, alpha=0.5)
@@ -249,7 +301,12 @@ def test_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="supports transformers >= 5.0"):
         ACRCallback()
     monkeypatch.undo()
-    sharded = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=True, get_tp_size=lambda: 1,
-                              get_cp_size=lambda: 1, get_sp_size=lambda: 1)
+    sharded = SimpleNamespace(
+        is_deepspeed_enabled=False,
+        is_fsdp_enabled=True,
+        get_tp_size=lambda: 1,
+        get_cp_size=lambda: 1,
+        get_sp_size=lambda: 1,
+    )
     with pytest.raises(NotImplementedError, match="does not support FSDP"):
         hf._check_unsupported_parallelism(sharded)

@@ -71,7 +71,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from ..corruption import check_eps, check_n, check_p
 from ..optimizer import ACR, check_alpha
 
-__all__ = ["ACRCallback", "SUPPORTED_TRANSFORMERS"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "ACRCallback"]
 
 SUPPORTED_TRANSFORMERS = (Version("5.0"), Version("6.0"))
 """``[lowest, highest)`` ``transformers`` versions whose ``Trainer`` loop ``ACRCallback`` relies on."""
@@ -345,8 +345,11 @@ def _check_unsupported_parallelism(trainer: Trainer) -> None:
     unsupported = {
         "DeepSpeed": trainer.is_deepspeed_enabled,
         "FSDP": trainer.is_fsdp_enabled or getattr(trainer, "is_fsdp_xla_enabled", False),
-        "models sharded at load time (DistributedConfig)": getattr(trainer, "is_distributed_loading_by_transformers", False),
-        "tensor/context/sequence parallelism": max(trainer.get_tp_size(), trainer.get_cp_size(), trainer.get_sp_size()) > 1,
+        "models sharded at load time (DistributedConfig)": getattr(
+            trainer, "is_distributed_loading_by_transformers", False
+        ),
+        "tensor/context/sequence parallelism": max(trainer.get_tp_size(), trainer.get_cp_size(), trainer.get_sp_size())
+        > 1,
     }
     names = [name for name, enabled in unsupported.items() if enabled]
     if names:
