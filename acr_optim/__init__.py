@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACR",
+    "ACRCallback",
     "LpCorruption",
     "NonFiniteGradientError",
     "first_order_gain",
@@ -23,3 +24,12 @@ __all__ = [
     "random_corruption",
     "top_n_indices",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use, so that `import acr_optim` does not import transformers.
+    if name == "ACRCallback":
+        from .integrations.hf import ACRCallback
+
+        return ACRCallback
+    raise AttributeError(f"module 'acr_optim' has no attribute {name!r}")
