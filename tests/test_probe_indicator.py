@@ -241,3 +241,18 @@ def test_default_loss_needs_dict_batches_with_labels(trained):
         estimate_indicator(model, batches, eps=0.1)
     with pytest.raises(ValueError, match="batches must hold at least one batch"):
         estimate_indicator(model, [], eps=0.1, loss_fn=ce_loss)
+
+
+def test_pgd_stops_where_the_loss_blows_up():
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+
+    def pole(m, batch):  # L(w) = 1 / (1 - w): infinite (with infinite gradient) at w = 1
+        return 1 / (1 - m.weight.sum())
+
+    grad = estimate_indicator(model, [None], eps=0.5, loss_fn=pole)
+    pgd = estimate_indicator(model, [None], eps=0.5, loss_fn=pole, method="pgd")
+    assert grad.delta_loss == pgd.delta_loss == math.inf
+    assert torch.equal(pgd.corruption["weight"], torch.tensor([[0.5]]))
+    assert torch.equal(model.weight, torch.tensor([[0.5]]))

@@ -281,11 +281,13 @@ class _Context:
         k = len(self.batches)
         return total / k, [g.div_(k) for g in grads]
 
-    def measure(self, params: Sequence[nn.Parameter], a: Sequence[Tensor]) -> tuple[float, dict[str, float]]:
+    def measure(
+        self, params: Sequence[nn.Parameter], a: Sequence[Tensor], with_metric: bool = True
+    ) -> tuple[float, dict[str, float]]:
         """``L(w + a)`` and the metric there; parameters restored bit-exactly afterwards."""
         try:
             _apply(params, a, self.snapshot)
-            return self.loss(), self.metric()
+            return self.loss(), self.metric() if with_metric else {}
         finally:
             self.snapshot.restore_data(params)
 
@@ -333,9 +335,11 @@ def _pgd(
             ctx.snapshot.restore_data(params)
         if loss > best_loss:
             best, best_loss = a, loss
+        if not math.isfinite(_norm(g, dual)):  # the loss surface broke down here: keep the best so far
+            return best
         h = [u + step_size * d for u, d in zip(_dual_point(a, eps, p), _unit(g, dual))]
         a = gradient_corruption(h, eps, p, n)
-    if steps == 0 or ctx.measure(params, a)[0] > best_loss:
+    if steps == 0 or ctx.measure(params, a, with_metric=False)[0] > best_loss:
         best = a
     return best
 

@@ -137,8 +137,9 @@ class ProbeTable:
         n: int | None | str = "first",
         title: str | None = None,
     ) -> None:
-        """``value`` vs eps (log x), one line per method for ``group`` (default ``"all"`` or the first group),
-        with the clean value dashed and, for ``value="loss"``, random's +-1 std band (paper Figure 3)."""
+        """``value`` vs eps (log x; log y when positive values span over a decade), one line per method for
+        ``group`` (default ``"all"`` or the first group), with the clean value dashed and, for
+        ``value="loss"``, random's +-1 std band (paper Figure 3)."""
         from matplotlib.figure import Figure
 
         groups = list(dict.fromkeys(r["group"] for r in self.rows))
@@ -166,6 +167,9 @@ class ProbeTable:
         if clean is not None:
             ax.axhline(rows[0][clean], color="grey", linestyle="--", label="clean")
         ax.set_xscale("log")
+        values = [r[value] for r in rows if math.isfinite(r[value])]
+        if values and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")
         ax.set_xlabel("eps")
         ax.set_ylabel(value)
         ax.legend()
