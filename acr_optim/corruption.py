@@ -139,13 +139,14 @@ def _magnitude_sample(tensors: Sequence[Tensor], total: int) -> Tensor:
     """``|x|`` at about ``_SAMPLE_SIZE`` positions drawn uniformly (fixed seed, with replacement), float32/64."""
     acc = _accumulation_dtype(tensors)
     device = tensors[0].device
-    parts = []
+    parts, generators = [], {}
     for t in tensors:
         if t.numel() == 0:
             continue
         count = math.ceil(_SAMPLE_SIZE * t.numel() / total)
-        gen = torch.Generator(t.device).manual_seed(0)
-        pos = torch.randint(t.numel(), (count,), generator=gen, device=t.device)
+        if t.device not in generators:
+            generators[t.device] = torch.Generator(t.device).manual_seed(0)
+        pos = torch.randint(t.numel(), (count,), generator=generators[t.device], device=t.device)
         parts.append(t.reshape(-1)[pos].abs().to(device, acc))
     sample = torch.cat(parts)
     return torch.where(sample.isnan(), torch.inf, sample)
