@@ -10,6 +10,7 @@ from .corruption import (
 )
 from .optimizer import ACR
 from .penalty import penalized_loss
+from .probe import corrupted, estimate_indicator
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,8 @@ __all__ = [
     "ACRCallback",
     "LpCorruption",
     "NonFiniteGradientError",
+    "corrupted",
+    "estimate_indicator",
     "first_order_gain",
     "gradient_corruption",
     "penalized_loss",
