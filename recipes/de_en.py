@@ -65,14 +65,14 @@ from acr_optim.hub import write_model_card
 # fmt: off
 DEFAULTS = [
     "--output_dir", "outputs/de_en",
-    "--num_train_epochs", "20",
+    "--num_train_epochs", "25",
     "--learning_rate", "2e-3",
     "--warmup_steps", "100",
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "64",
     "--predict_with_generate", "true",
     "--generation_max_length", "64",
-    "--generation_num_beams", "1",
+    "--generation_num_beams", "4",
     "--logging_steps", "50",
     "--save_strategy", "no",
     "--report_to", "none",
