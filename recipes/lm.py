@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         lines.append(f"results:  {training_args.output_dir}")
         print(
             summary(
-                f"Causal LM, validation perplexity ({len(data['validation'])} blocks)", lines, rows, "perplexity", args
+                f"Causal LM, validation perplexity ({len(data['validation'])} blocks)", lines, rows, "Perplexity", args
             )
         )
     return metrics
