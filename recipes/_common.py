@@ -88,6 +88,14 @@ class RecipeArguments:
             raise ValueError("give either --dataset_name or --train_file/--validation_file/--test_file, not both")
 
     @property
+    def training_kind(self) -> str:
+        """``"ACR (eps=.., p=.., alpha=..)"`` or ``"baseline"``, for summaries and cards."""
+        if self.no_acr:
+            return "baseline"
+        n = "" if self.acr_n is None else f", n={self.acr_n}"
+        return f"ACR (eps={self.acr_eps:g}, p={self.acr_p:g}, alpha={self.acr_alpha:g}{n})"
+
+    @property
     def acr_config(self) -> dict[str, Any] | None:
         """``{"eps", "p", "alpha", "n"}`` of the ACR run, ``None`` for the baseline."""
         if self.no_acr:
@@ -287,6 +295,16 @@ def robustness_rows(
     for eps in args.corruption_eval_eps:
         rows.append((eps, metrics[f"{metric_key_prefix}_corrupted_eps_{eps:g}_{metric}"]))
     return rows
+
+
+def robustness_block(rows: Sequence[tuple[float, float]], metric: str, args: RecipeArguments) -> dict[str, Any]:
+    """The ``robustness`` entry of ``all_results.json``: the corruption's ``p``/``n`` and one row per ``eps``."""
+    return {
+        "metric": metric,
+        "p": args.corruption_eval_p,
+        "n": args.corruption_eval_n,
+        "rows": [{"eps": eps, metric: value} for eps, value in rows],
+    }
 
 
 def summary(

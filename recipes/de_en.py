@@ -54,6 +54,7 @@ from _common import (
     load_parallel_file,
     load_splits,
     local_tokenizer,
+    robustness_block,
     robustness_rows,
     summary,
     train_sentencepiece_style_tokenizer,
@@ -193,13 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     rows = robustness_rows(metrics, "bleu", args)
-    robustness = {
-        "metric": "bleu",
-        "p": args.corruption_eval_p,
-        "n": args.corruption_eval_n,
-        "rows": [{"eps": eps, "bleu": bleu} for eps, bleu in rows],
-    }
-    trainer.save_metrics("robustness", {"robustness": robustness})
+    trainer.save_metrics("robustness", {"robustness": robustness_block(rows, "bleu", args)})
     if "test" in data:
         test_metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
         trainer.log_metrics("test", test_metrics)
@@ -209,14 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         on_hub = bool(args.dataset_name)
         dataset = args.dataset_name or ("de_en_small" if not args.train_file else Path(args.train_file).parent.name)
-        kind = (
-            f"ACR (eps={args.acr_eps:g}, p={args.acr_p:g}, alpha={args.acr_alpha:g})" if not args.no_acr else "baseline"
-        )
         write_model_card(
             training_args.output_dir,
             model_name=Path(training_args.output_dir).name,
             description=f"A {src} -> {tgt} translation model ({type(model).__name__}, "
-            f"{model.num_parameters():,} parameters), trained on {dataset}, {kind}.",
+            f"{model.num_parameters():,} parameters), trained on {dataset}, {args.training_kind}.",
             task_type="translation",
             metric_type="bleu",
             metric_name="BLEU",
@@ -235,8 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed")
             },
         )
+        runtime = train_result.metrics["train_runtime"]
         lines = [
-            f"training: {kind}, {len(data['train']):,} pairs, {train_result.metrics['train_runtime']:.0f} s",
+            f"training: {args.training_kind}, {len(data['train']):,} pairs, {runtime:.0f} s",
             f"model:    {type(model).__name__}, {model.num_parameters():,} parameters",
         ]
         if "test" in data:

@@ -49,6 +49,7 @@ from _common import (
     load_splits,
     load_text_file,
     local_tokenizer,
+    robustness_block,
     robustness_rows,
     summary,
     train_byte_level_tokenizer,
@@ -173,13 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     rows = robustness_rows(metrics, "perplexity", args)
-    robustness = {
-        "metric": "perplexity",
-        "p": args.corruption_eval_p,
-        "n": args.corruption_eval_n,
-        "rows": [{"eps": eps, "perplexity": ppl} for eps, ppl in rows],
-    }
-    trainer.save_metrics("robustness", {"robustness": robustness})
+    trainer.save_metrics("robustness", {"robustness": robustness_block(rows, "perplexity", args)})
     if "test" in data and len(data["test"]):
         test_metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
         test_metrics["test_perplexity"] = perplexity(test_metrics["test_loss"])
@@ -192,14 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataset = args.dataset_name or (
             "de_en_small (English side)" if not args.train_file else Path(args.train_file).parent.name
         )
-        kind = (
-            f"ACR (eps={args.acr_eps:g}, p={args.acr_p:g}, alpha={args.acr_alpha:g})" if not args.no_acr else "baseline"
-        )
         write_model_card(
             training_args.output_dir,
             model_name=Path(training_args.output_dir).name,
             description=f"A causal language model ({type(model).__name__}, {model.num_parameters():,} parameters), "
-            f"trained on {dataset}, {kind}.",
+            f"trained on {dataset}, {args.training_kind}.",
             task_type="text-generation",
             metric_type="perplexity",
             metric_name="Perplexity",
@@ -221,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         lines = [
             (
-                f"training: {kind}, {len(data['train']):,} blocks of {block_size} tokens, "
+                f"training: {args.training_kind}, {len(data['train']):,} blocks of {block_size} tokens, "
                 f"{train_result.metrics['train_runtime']:.0f} s"
             ),
             f"model:    {type(model).__name__}, {model.num_parameters():,} parameters",
