@@ -147,7 +147,7 @@ def _magnitude_sample(tensors: Sequence[Tensor], total: int) -> Tensor:
         if t.device not in generators:
             generators[t.device] = torch.Generator(t.device).manual_seed(0)
         pos = torch.randint(t.numel(), (count,), generator=generators[t.device], device=t.device)
-        parts.append(t.reshape(-1)[pos].abs().to(device, acc))
+        parts.append(t.reshape(-1).index_select(0, pos).abs().to(device, acc))
     sample = torch.cat(parts)
     return torch.where(sample.isnan(), torch.inf, sample)
 
@@ -169,12 +169,12 @@ def _above(tensors: Sequence[Tensor], offsets: list[int], tau: float, n: int, de
         mag, mask = (buf[: t.numel()] for buf in scratch[key])
         torch.abs(t.reshape(-1), out=mag)
         idx = torch.le(mag, tau, out=mask).logical_not_().nonzero().squeeze(1)  # ``not <=`` also keeps NaN
-        values.append(mag[idx].to(device, acc))
+        values.append(mag.index_select(0, idx).to(device, acc))
         indices.append(idx.to(device) + offset)
     values, indices = torch.cat(values), torch.cat(indices)
     if values.numel() >= n:
         if values.numel() > n:
-            indices = indices[torch.topk(values, n, sorted=False).indices]
+            indices = indices.index_select(0, torch.topk(values, n, sorted=False).indices)
         return indices
     missing = n - values.numel()
     ties = []
