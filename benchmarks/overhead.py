@@ -3,8 +3,10 @@
 All variants run in ONE process on ONE model and ONE batch, interleaved in a shuffled order
 each repetition; the weights are reset from a saved copy before every timed step, so each
 variant steps from the same point.  Every variant owns its optimizer (its own AdamW state).
-Reported times are medians over the repetitions (the machine may be shared: medians and
-interleaving keep a background load from biasing one variant).
+Reported times are medians over the repetitions; ratios are medians of the per-repetition
+ratios of two variants timed in the same repetition (the machine may be shared: interleaving,
+pairing and medians keep a background load from biasing one variant).  On a loaded CPU pass
+``--threads 1``: intra-op threads waiting for a busy core stall every kernel.
 
 Variants
   base       zero_grad, one forward/backward, AdamW step
@@ -16,10 +18,11 @@ Variants
 
 Memory (per step, bytes / parameter bytes)
   held   bytes the wrapper keeps between steps beyond the base optimizer (ACR: extra_memory_bytes())
-  peak   held + the peak of live bytes allocated by the optimizer-only work of one step (CPU: every
-         allocation and free reported by the allocator to torch.profiler inside the optimizer's
-         calls, the forward/backward inside closures excluded); on CUDA: max_memory_allocated during
-         the step minus memory_allocated before it, which includes the forward/backward.
+  peak   held + the peak of live bytes allocated by the wrapper's own work in one step (CPU: every
+         allocation and free the allocator reports to torch.profiler inside the optimizer's calls,
+         excluding the forward/backward inside closures and the wrapped AdamW step; for `base` it is
+         AdamW's own step, for reference); on CUDA: max_memory_allocated during the step minus
+         memory_allocated before it, which includes the forward/backward and the base step.
 
 Usage:  python benchmarks/overhead.py [--model gpt2|mlp] [--device cpu|cuda] [--dtype fp32|bf16]
         [--batch B] [--seq-len T] [--reps R] [--quick] [--out results.json]
@@ -38,10 +41,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines out of the table
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from acr_optim import ACR
@@ -141,10 +142,12 @@ def make_variants(args, model, forward, eps: float) -> list[Variant]:
             for n in (None, n_small):
                 # p = inf uses eps / sqrt(k): the same Euclidean length as the p = 2 corruption
                 opt = ACR(adamw(), eps=eps if p == 2 else eps / math.sqrt(k), p=p, alpha=alpha, n=n)
+                _mark_base_step(opt.base_optimizer)
                 name = f"acr p={'inf' if p == math.inf else 2} a={alpha:g} n={'all' if n is None else '1%'}"
                 variants.append(Variant(name, _acr_step(opt, closure), optimizer=opt))
 
     sam = SAM(params, torch.optim.AdamW, rho=eps, lr=1e-4)
+    _mark_base_step(sam.base_optimizer)
 
     def sam_step() -> None:
         sam.zero_grad()
@@ -156,6 +159,7 @@ def make_variants(args, model, forward, eps: float) -> list[Variant]:
 
     for interval in args.intervals:
         opt = ACR(adamw(), eps=eps, p=2, alpha=0.5, interval=interval)
+        _mark_base_step(opt.base_optimizer)
         one = _acr_step(opt, closure)
 
         def cycle(one=one, interval=interval) -> None:
@@ -164,6 +168,17 @@ def make_variants(args, model, forward, eps: float) -> list[Variant]:
 
         variants.append(Variant(f"amortized k={interval}", cycle, interval, optimizer=opt, kind="amortized"))
     return variants
+
+
+def _mark_base_step(base: torch.optim.Optimizer) -> None:
+    """Label the wrapped base optimizer's own step so its allocations are not counted as the wrapper's."""
+    step = base.step
+
+    def marked(*args, **kwargs):
+        with record_function("basestep"):
+            return step(*args, **kwargs)
+
+    base.step = marked
 
 
 def _acr_step(opt: ACR, closure: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -223,7 +238,8 @@ def _walk(nodes, out):
 
 
 def cpu_optimizer_peak(step: Callable[[], None]) -> int:
-    """Peak of live bytes allocated inside ``record_function("opt")`` (not inside a nested ``"fwdbwd"``)."""
+    """Peak of live bytes allocated inside ``record_function("opt")``, not inside a nested ``"fwdbwd"``
+    (the closure's forward/backward) or ``"basestep"`` (a wrapper's base optimizer step)."""
     from torch._C._profiler import _EventType
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -236,7 +252,7 @@ def cpu_optimizer_peak(step: Callable[[], None]) -> int:
             continue
         owner, parent = None, node.parent
         while parent is not None and owner is None:
-            if parent.name in ("opt", "fwdbwd"):
+            if parent.name in ("opt", "fwdbwd", "basestep"):
                 owner = parent.name
             parent = parent.parent
         events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size, owner))
@@ -302,13 +318,18 @@ def selection_cost(params: list[torch.Tensor], n: int, reps: int) -> dict[str, f
 
 
 def summarise(times, memory, param_bytes) -> dict:
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    """Per variant: median time and, for each ratio, the median over repetitions of the PAIRED ratio
+    (both variants timed in the same repetition), which cancels slow drifts of a shared machine's load."""
+
+    def paired(name: str, other: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[name], times[other]))
+
     rows = {}
-    for name, m in med.items():
-        row = {"median_s": m, "iqr_s": _iqr(times[name]), "vs_base": m / med["base"]}
+    for name, ts in times.items():
+        row = {"median_s": statistics.median(ts), "iqr_s": _iqr(ts), "vs_base": paired(name, "base")}
         if name.startswith("acr"):
-            row["vs_floor"] = m / med["floor"]
-            row["vs_peer"] = m / med["peer SAM"]
+            row["vs_floor"] = paired(name, "floor")
+            row["vs_peer"] = paired(name, "peer SAM")
         if name in memory:
             row["held_x_params"] = memory[name]["held"] / param_bytes
             row["peak_x_params"] = memory[name]["peak"] / param_bytes
@@ -375,7 +396,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     # defaults: ~5M-parameter GPT-2 on CPU, GPT-2 small (124M) on GPU, a tiny one with --quick
-    size = (128, 2, 2048, 4, 5) if args.quick else (768, 12, 50257, 16, 30) if gpu else (256, 4, 8192, 8, 15)
+    size = (128, 2, 2048, 4, 5) if args.quick else (768, 12, 50257, 16, 30) if gpu else (256, 4, 8192, 4, 11)
     for name, value in zip(("n_embd", "n_layer", "vocab", "batch", "reps"), size):
         if getattr(args, name) is None:
             setattr(args, name, value)
