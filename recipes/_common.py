@@ -289,28 +289,30 @@ def evaluate_under_corruption(
 
 def robustness_rows(
     metrics: dict[str, float], metric: str, args: RecipeArguments, metric_key_prefix: str = "eval"
-) -> list[tuple[float, float]]:
-    """``[(eps, value of metric)]`` from the clean and corrupted evaluations in ``metrics``; first row ``eps = 0``."""
-    rows = [(0.0, metrics[f"{metric_key_prefix}_{metric}"])]
+) -> list[tuple[float, float, float]]:
+    """``[(eps, value of metric, loss increase L(w + a) - L(w))]`` from the evaluations in ``metrics``;
+    the first row is the clean model (``eps = 0``, increase 0)."""
+    rows = [(0.0, metrics[f"{metric_key_prefix}_{metric}"], 0.0)]
     for eps in args.corruption_eval_eps:
-        rows.append((eps, metrics[f"{metric_key_prefix}_corrupted_eps_{eps:g}_{metric}"]))
+        prefix = f"{metric_key_prefix}_corrupted_eps_{eps:g}"
+        rows.append((eps, metrics[f"{prefix}_{metric}"], metrics[f"{prefix}_loss_increase"]))
     return rows
 
 
-def robustness_block(rows: Sequence[tuple[float, float]], metric: str, args: RecipeArguments) -> dict[str, Any]:
+def robustness_block(rows: Sequence[tuple[float, float, float]], metric: str, args: RecipeArguments) -> dict[str, Any]:
     """The ``robustness`` entry of ``all_results.json``: the corruption's ``p``/``n`` and one row per ``eps``."""
     return {
         "metric": metric,
         "p": args.corruption_eval_p,
         "n": args.corruption_eval_n,
-        "rows": [{"eps": eps, metric: value} for eps, value in rows],
+        "rows": [{"eps": eps, metric: value, "loss_increase": increase} for eps, value, increase in rows],
     }
 
 
 def summary(
-    title: str, lines: Sequence[str], rows: Sequence[tuple[float, float]], metric: str, args: RecipeArguments
+    title: str, lines: Sequence[str], rows: Sequence[tuple[float, float, float]], metric: str, args: RecipeArguments
 ) -> str:
-    """A short human-readable report: the run, then the metric clean and under each corruption."""
+    """A short human-readable report: the run, then the metric and the loss increase clean and under each corruption."""
     n = "all" if args.corruption_eval_n is None else f"{args.corruption_eval_n:,}"
     width = max(len(title), 60)
     out = [
@@ -319,10 +321,11 @@ def summary(
         "-" * width,
         *lines,
         "",
-        (f"{metric} under gradient-based parameter corruption (L{args.corruption_eval_p:g} norm eps, {n} parameters):"),
+        f"Under gradient-based parameter corruption (L{args.corruption_eval_p:g} norm eps, {n} parameters):",
+        f"  {'':<14} {metric:>10} {'loss increase':>15}",
     ]
-    for eps, value in rows:
+    for eps, value, increase in rows:
         label = "clean" if eps == 0 else f"eps = {eps:g}"
-        out.append(f"  {label:<14} {value:8.2f}")
+        out.append(f"  {label:<14} {value:10.2f} {increase:15.3f}")
     out.append("=" * width)
     return "\n".join(out)

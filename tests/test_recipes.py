@@ -205,7 +205,8 @@ def test_de_en_recipe_end_to_end(tmp_path, capsys):
     assert [r.metric_value for r in card.data.eval_results] == [row["bleu"] for row in rows]
     assert "acr" in card.data.tags and card.data.language == ["de", "en"]
     printed = capsys.readouterr().out
-    assert "BLEU under gradient-based parameter corruption" in printed and "eps = 2" in printed
+    assert "Under gradient-based parameter corruption (L2 norm eps, all parameters)" in printed
+    assert "eps = 2" in printed and "loss increase" in printed
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
 
 
