@@ -87,6 +87,19 @@ def test_multi30k_gz_pairs_load():
     assert ds[0]["translation"]["de"] and ds[0]["translation"]["en"]
 
 
+def test_load_splits_from_a_dataset_repository_folder(tmp_path):
+    """``--dataset_name`` goes through ``datasets.load_dataset``: a local folder stands in for a hub repository."""
+    from datasets import Dataset
+
+    for split, n in [("train", 5), ("validation", 3), ("test", 2)]:
+        rows = [{"de": f"{split} {i}", "en": f"{split.upper()} {i}"} for i in range(n)]
+        Dataset.from_dict({"translation": rows}).to_json(tmp_path / f"{split}.jsonl")
+    args = de_en.TranslationArguments(dataset_name=str(tmp_path), max_train_samples=4, max_eval_samples=10)
+    raw = _common.load_splits(args, load_file=_common.load_text_file, defaults={})
+    assert {split: len(ds) for split, ds in raw.items()} == {"train": 4, "validation": 3, "test": 2}
+    assert raw["train"][3]["translation"] == {"de": "train 3", "en": "TRAIN 3"}
+
+
 def test_recipe_arguments_are_validated():
     with pytest.raises(ValueError, match="--acr_eps"):
         de_en.TranslationArguments(acr_eps=-1.0)
