@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         labels = np.where(eval_pred.label_ids != -100, eval_pred.label_ids, tokenizer.pad_token_id)
         hypotheses = [s.strip() for s in tokenizer.batch_decode(preds, skip_special_tokens=True)]
         references = [s.strip() for s in tokenizer.batch_decode(labels, skip_special_tokens=True)]
-        generated = np.count_nonzero(preds != tokenizer.pad_token_id, axis=1)
-        return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, "gen_len": float(generated.mean())}
+        # Generated length: tokens before the first EOS, after the decoder start token (beam search pads with EOS).
+        is_eos = preds[:, 1:] == tokenizer.eos_token_id
+        lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), is_eos.shape[1])
+        return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, "gen_len": float(lengths.mean())}
 
     # Training: ACR around AdamW, or the Trainer's own optimizer with --no_acr.
     optimizers, callbacks = acr_optimizer(model, args, training_args)
