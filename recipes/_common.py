@@ -26,7 +26,6 @@ from acr_optim.probe import corrupted, estimate_indicator
 
 RECIPES = Path(__file__).resolve().parent
 EMBEDDED_DATA = RECIPES / "data" / "de_en_small"
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -240,7 +239,8 @@ def acr_optimizer(
 ) -> tuple[tuple[torch.optim.Optimizer | None, None], list[TrainerCallback]]:
     """``(optimizers, callbacks)`` for the Trainer: ACR around AdamW (the Trainer's AdamW settings, one
     param group, so the corruption constraint ``||a||_p = eps`` covers the whole model), or the
-    Trainer's own optimizer for ``--no_acr``."""
+    Trainer's own optimizer for ``--no_acr``.  The two are the same AdamW unless ``--weight_decay > 0``:
+    the Trainer's then exempts biases and norm weights from decay, this one decays every parameter."""
     if args.no_acr:
         return (None, None), []
     base = torch.optim.AdamW(
