@@ -92,7 +92,8 @@ class ACR(Optimizer):
     Memory: between perturb and restore, one backup of the corrupted parameters (dense groups)
     or ``n`` indices and old values (top-n groups whose ``n`` makes that smaller); the clean
     gradient stays in ``.grad``, pre-scaled by ``(1 - alpha)/alpha`` so the corrupted backward
-    accumulates onto it.  Dense backups are kept between steps to avoid re-allocation; they are
+    accumulates onto it (with ``alpha = 1`` it is dropped and the corrupted backward writes
+    fresh gradients).  Dense backups are kept between steps to avoid re-allocation; they are
     not part of ``state_dict``.
     """
 
@@ -288,7 +289,11 @@ class ACR(Optimizer):
                 continue
             alpha, grads = group["acr_alpha"], [p.grad for p in params]
             if alpha == 1:
-                torch._foreach_zero_(grads)
+                # the clean gradient is not needed: drop it and let the corrupted backward write fresh
+                # gradients (as after zero_grad(set_to_none=True)) instead of zeroing and accumulating
+                grads = []
+                for p in params:
+                    p.grad = None
             elif alpha == 0:
                 for p in params:
                     p.grad = None
@@ -301,7 +306,8 @@ class ACR(Optimizer):
         """Put the exact pre-corruption weights back and form ``(1-alpha) g(w) + alpha g(w+a)`` in ``.grad``.
 
         A no-op when nothing is perturbed.  Raises ``RuntimeError`` (after restoring the weights)
-        if the gradients were reset between :meth:`perturb` and here.
+        if the gradients were reset between :meth:`perturb` and here (harmless, so not raised, for
+        groups with ``alpha = 1``, which need no clean gradient).
         """
         pending, self._pending = self._pending, None
         if pending is None:
@@ -316,9 +322,13 @@ class ACR(Optimizer):
                 for p, g in zip(params, grads):
                     p.grad = g
                 continue
+            if alpha == 1:  # a parameter the corrupted pass did not reach has a zero corrupted gradient
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                continue
             reset |= any(p.grad is not g for p, g in zip(params, grads))
-            if alpha != 1:
-                torch._foreach_mul_(grads, alpha)
+            torch._foreach_mul_(grads, alpha)
         for p in pending.gradless:
             p.grad = None
         if reset:

@@ -83,3 +83,19 @@ def test_alpha_half_mixes_the_gradients_bit_exactly():
     for p, c, g, s in zip(model.parameters(), clean, at_corrupted, accumulated):
         assert torch.equal(s, c + g)  # the clean gradient was left unscaled: (1 - 0.5) / 0.5 = 1
         assert torch.equal(p.grad, s * 0.5)
+
+
+def test_alpha_one_drops_the_clean_gradient_and_zero_fills_parameters_the_corrupted_pass_missed():
+    torch.manual_seed(0)
+    used, skipped = nn.Linear(5, 2), nn.Linear(5, 2)
+    params = [*used.parameters(), *skipped.parameters()]
+    x = torch.randn(8, 5)
+    opt = ACR(torch.optim.SGD(params, lr=0.1), eps=0.3, alpha=1.0)
+    (used(x).square().sum() + skipped(x).square().sum()).backward()
+    assert opt.perturb()
+    assert all(p.grad is None for p in params)  # the clean gradient is not held during the corrupted pass
+    used(x).square().sum().backward()
+    at_corrupted = [p.grad.clone() for p in used.parameters()]
+    opt.restore()
+    assert all(torch.equal(p.grad, g) for p, g in zip(used.parameters(), at_corrupted))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in skipped.parameters())
