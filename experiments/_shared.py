@@ -1,0 +1,380 @@
+"""What the experiment scripts share: the two tasks (Multi30k De->En translation, WikiText-2 language
+modelling) built from the recipes' data loaders, tokenizers and model configs, one plain training loop
+(AdamW, or ``ACR(AdamW)``) that feeds baseline and ACR runs the same batches, a model cache, and
+small I/O helpers.
+
+The recipes (``recipes/de_en.py``, ``recipes/lm.py``) train through the Hugging Face Trainer with
+evaluation built in; the experiments need many short runs with exactly matched batches, the
+amortized ``interval`` mode and their own evaluation grids, so they drive the optimizer directly and
+import everything else (file readers, tokenizer trainers, ``TINY_MARIAN``/``TINY_GPT2``) from the recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    DataCollatorForSeq2Seq,
+    GPT2Config,
+    MarianConfig,
+    PreTrainedTokenizerFast,
+    get_linear_schedule_with_warmup,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "recipes"))
+from _common import (  # noqa: E402
+    load_parallel_file,
+    read_lines,
+    train_byte_level_tokenizer,
+    train_sentencepiece_style_tokenizer,
+)
+from de_en import TINY_MARIAN  # noqa: E402
+from lm import TINY_GPT2  # noqa: E402
+
+from acr_optim import ACR  # noqa: E402
+from acr_optim.corruption import check_eps, check_n  # noqa: E402
+from acr_optim.optimizer import check_alpha  # noqa: E402
+from acr_optim.probe.metrics import bleu, perplexity  # noqa: E402
+
+TASKS = ("de_en", "lm")
+METRIC = {"de_en": "bleu", "lm": "perplexity"}
+HIGHER_IS_BETTER = {"bleu": True, "perplexity": False}
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        return check_eps(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def unit_float(text: str) -> float:
+    try:
+        return check_alpha(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def n_value(text: str) -> int | None:
+    """``all`` (no L0 limit) or a positive int."""
+    if text == "all":
+        return None
+    try:
+        return check_n(int(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"n must be 'all' or an int >= 1, got {text}: {err}") from None
+
+
+def parser(description: str, out: str) -> argparse.ArgumentParser:
+    """Arguments every experiment takes: data, tasks, seed, training budget (optimizer steps), model size, output."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with multi30k/ and wikitext-2/")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--seed", type=int, default=0, help="seed of model init, batch order and random corruptions")
+    ap.add_argument("--steps", type=positive_int, default=1500, help="training budget in optimizer steps")
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW peak learning rate (linear warmup/decay)")
+    ap.add_argument("--width", type=positive_int, default=128, help="d_model (Marian) / n_embd (GPT-2)")
+    ap.add_argument("--layers", type=positive_int, default=2, help="encoder and decoder layers / GPT-2 layers")
+    ap.add_argument("--vocab", type=positive_int, default=2000, help="size of the locally trained tokenizer")
+    ap.add_argument("--max-train", type=positive_int, default=None, help="keep the first N training pairs / lines")
+    ap.add_argument("--eval-size", type=positive_int, default=200, help="validation pairs (de_en) / blocks (lm)")
+    ap.add_argument("--block-size", type=positive_int, default=64, help="LM sequence length")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "experiments" / out)
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=REPO / "outputs" / "experiments" / "cache",
+        help="trained models and tokenizers, shared by the experiments (a run with the same settings is reused)",
+    )
+    return ap
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """A tokenized corpus and how to build, batch and score a model for it."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerFast
+    train: list[dict[str, list[int]]]
+    eval_batches: list[dict[str, torch.Tensor]]
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]
+    metric_fn: Callable[[nn.Module, Sequence[Any]], dict[str, float]]
+    metric: str
+    config: dict[str, Any]
+
+    def new_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        if self.name == "de_en":
+            return AutoModelForSeq2SeqLM.from_config(_marian_config(self.tokenizer, self.config))
+        return AutoModelForCausalLM.from_config(_gpt2_config(self.tokenizer, self.config))
+
+
+def _marian_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> MarianConfig:
+    width, layers = cfg["width"], cfg["layers"]
+    heads = max(1, width // 32)
+    config = MarianConfig(
+        **{
+            **TINY_MARIAN,
+            "d_model": width,
+            "encoder_layers": layers,
+            "decoder_layers": layers,
+            "encoder_attention_heads": heads,
+            "decoder_attention_heads": heads,
+            "encoder_ffn_dim": 2 * width,
+            "decoder_ffn_dim": 2 * width,
+            "dropout": 0.0,  # deterministic passes: ACR's clean and corrupted passes see the same network
+        }
+    )
+    # As recipes/de_en.py: the locally trained tokenizer's special tokens; decoding starts from <pad>.
+    config.update(
+        {
+            "vocab_size": len(tokenizer),
+            "decoder_vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+            "forced_eos_token_id": tokenizer.eos_token_id,
+        }
+    )
+    return config
+
+
+def _gpt2_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> GPT2Config:
+    width = cfg["width"]
+    return GPT2Config(
+        **{
+            **TINY_GPT2,
+            "n_embd": width,
+            "n_layer": cfg["layers"],
+            "n_head": max(1, width // 32),
+            "n_inner": 4 * width,
+            "n_positions": max(TINY_GPT2["n_positions"], cfg["block_size"]),
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+    )
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _cached_tokenizer(
+    folder: Path, train: Callable[[list[str], int], PreTrainedTokenizerFast], texts: list[str], vocab: int
+) -> PreTrainedTokenizerFast:
+    if not (folder / "tokenizer.json").is_file():
+        train(texts, vocab).save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def build_task(name: str, args: argparse.Namespace) -> Task:
+    """The ``name`` task from ``args.data`` (tokenizer trained on its training text, cached under ``args.cache``)."""
+    cfg = {k: getattr(args, k) for k in ("width", "layers", "vocab", "max_train", "eval_size", "block_size")}
+    cache = args.cache / f"tokenizer-{name}-{_key(cfg)}"
+    if name == "de_en":
+        folder = args.data / "multi30k"
+        pairs = load_parallel_file(str(folder / "train"), "de", "en")["translation"][: args.max_train]
+        val = load_parallel_file(str(folder / "val"), "de", "en")["translation"][: args.eval_size]
+        texts = [t for pair in pairs for t in (pair["de"], pair["en"])]
+        tokenizer = _cached_tokenizer(cache, train_sentencepiece_style_tokenizer, texts, args.vocab)
+
+        def encode(rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+            src = tokenizer([r["de"] for r in rows], max_length=128, truncation=True)
+            tgt = tokenizer(text_target=[r["en"] for r in rows], max_length=128, truncation=True)["input_ids"]
+            return [
+                {"input_ids": i, "attention_mask": m, "labels": t}
+                for i, m, t in zip(src["input_ids"], src["attention_mask"], tgt)
+            ]
+
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+        # No model given to the collator: Marian shifts the labels into decoder_input_ids itself.
+        train, eval_features = encode(pairs), encode(val)
+        metric_fn = bleu(tokenizer, max_new_tokens=64, num_beams=1)
+        eval_batch = 50
+    else:
+        folder = args.data / "wikitext-2"
+        lines = [line for line in read_lines(folder / "valid.txt.gz") if line.strip()][: args.max_train]
+        test = [line for line in read_lines(folder / "test.txt.gz") if line.strip()]
+        tokenizer = _cached_tokenizer(cache, train_byte_level_tokenizer, lines, args.vocab)
+
+        def encode(texts: list[str], limit: int | None = None) -> list[dict[str, list[int]]]:
+            """Each line's tokens then EOS, concatenated and cut into blocks (as recipes/lm.py)."""
+            ids = [t for line in tokenizer(texts)["input_ids"] for t in (*line, tokenizer.eos_token_id)]
+            size = args.block_size
+            blocks = [ids[i : i + size] for i in range(0, len(ids) - size + 1, size)][:limit]
+            return [{"input_ids": b, "attention_mask": [1] * size, "labels": b} for b in blocks]
+
+        def collator(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+            return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
+
+        train, eval_features = encode(lines), encode(test[: 40 * args.eval_size], args.eval_size)
+        metric_fn = perplexity
+        eval_batch = 32
+    if not train or not eval_features:
+        raise ValueError(f"{name}: no training or evaluation examples (check --max-train / --eval-size)")
+    return Task(
+        name=name,
+        tokenizer=tokenizer,
+        train=train,
+        eval_batches=[collator(list(chunk)) for chunk in _chunks(eval_features, eval_batch)],
+        collate=collator,
+        metric_fn=metric_fn,
+        metric=METRIC[name],
+        config=cfg,
+    )
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training run: ``acr_eps=None`` is the AdamW baseline; otherwise ``ACR(AdamW, eps, alpha, interval)``
+    with ``p = 2`` and no L0 limit (the whole model as one vector)."""
+
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    acr_eps: float | None = None
+    acr_alpha: float = 0.5
+    interval: int = 1
+
+    @property
+    def label(self) -> str:
+        if self.acr_eps is None:
+            return "baseline"
+        every = "" if self.interval == 1 else f", interval={self.interval}"
+        return f"ACR(eps={self.acr_eps:g}, alpha={self.acr_alpha:g}{every})"
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a fresh model (init and batch order from ``recipe.seed``) for ``recipe.steps`` optimizer steps.
+
+    AdamW (lr warmup over 5% of the steps, then linear decay to 0), wrapped in ACR for an ACR
+    recipe: each corrupting step minimises ``(1 - alpha) L(w) + alpha L(w + a(w))`` with two
+    forward/backward passes.  Baseline and ACR runs with the same seed see the same batches.
+    Returns the model (eval mode) and ``{"train_seconds", "final_loss", ...}``; with
+    ``cache_root`` a finished run is saved there and reloaded instead of retrained.
+    """
+    folder = None if cache_root is None else cache_root / f"{task.name}-{_key([task.config, recipe.__dict__])}"
+    if folder is not None and (folder / "run.json").is_file():
+        loader = AutoModelForSeq2SeqLM if task.name == "de_en" else AutoModelForCausalLM
+        return loader.from_pretrained(folder).eval(), json.loads((folder / "run.json").read_text())
+    model = task.new_model(recipe.seed)
+    base = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    optimizer = (
+        base
+        if recipe.acr_eps is None
+        else ACR(base, eps=recipe.acr_eps, alpha=recipe.acr_alpha, interval=recipe.interval)
+    )
+    schedule = get_linear_schedule_with_warmup(base, max(1, recipe.steps // 20), recipe.steps)
+    order = torch.Generator().manual_seed(recipe.seed)
+    batches: list[list[int]] = []
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for _ in range(recipe.steps):
+        if not batches:
+            batches = torch.randperm(len(task.train), generator=order).split(recipe.batch_size)
+            batches = [b.tolist() for b in batches][::-1]
+        batch = task.collate([task.train[i] for i in batches.pop()])
+
+        def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        optimizer.zero_grad()
+        if recipe.acr_eps is None:
+            loss = closure()
+            optimizer.step()
+        else:
+            loss = optimizer.step(closure)
+        schedule.step()
+        losses.append(float(loss.detach()))
+    run = {
+        "recipe": recipe.label,
+        **recipe.__dict__,
+        "train_seconds": time.perf_counter() - start,
+        "final_loss": statistics.fmean(losses[-50:]),
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+    model.eval()
+    if folder is not None:
+        model.save_pretrained(folder)
+        (folder / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    return model, run
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as CSV (union of keys, in first-seen order; ``None`` as an empty cell)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str, allow_nan=True) + "\n")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); ``inf`` stays ``inf``."""
+    values = list(values)
+    mean = statistics.fmean(values)
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return mean, 0.0 if len(values) < 2 else math.nan
+    return mean, statistics.stdev(values)
+
+
+def setup(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if not args.data.is_dir():
+        raise SystemExit(f"--data {args.data}: no such folder (expected multi30k/ and wikitext-2/ in it)")
