@@ -299,8 +299,11 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
     """
     folder = None if cache_root is None else cache_root / f"{task.name}-{_key([task.config, recipe.__dict__])}"
     if folder is not None and (folder / "run.json").is_file():
+        # Into a fresh model: from_pretrained would make Marian's sinusoidal position tables trainable.
         loader = AutoModelForSeq2SeqLM if task.name == "de_en" else AutoModelForCausalLM
-        return loader.from_pretrained(folder).eval(), json.loads((folder / "run.json").read_text())
+        model = task.new_model(recipe.seed)
+        model.load_state_dict(loader.from_pretrained(folder).state_dict())
+        return model.eval(), json.loads((folder / "run.json").read_text())
     model = task.new_model(recipe.seed)
     base = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     optimizer = (
