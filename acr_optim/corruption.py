@@ -22,7 +22,7 @@ callback all build on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +101,9 @@ def top_n_indices(tensors: Sequence[Tensor], n: int) -> list[Tensor]:
     collects the candidates ``|x| > tau`` (about ``n + 4 sqrt(n k / s)`` of them for ``s``
     samples) and a ``topk`` among them gives the exact top-n.  If fewer than ``n`` lie above
     ``tau``, entries equal to ``tau`` fill up, and a ``tau`` that turns out too high is lowered and
-    the pass repeated (rare).  Memory: the candidates, plus one ``|t|`` and one mask buffer the size
-    of the largest tensor; no concatenated copy of the tensors.  The global RNG is not touched.
+    the pass repeated (rare).  Memory: the candidates, plus one ``|x|`` and one mask buffer of at
+    most ``2**20`` elements (the tensors are scanned in chunks); no concatenated copy of the
+    tensors.  The global RNG is not touched.
     """
     n = check_n(n)
     tensors = [t.detach() for t in tensors]
@@ -152,22 +153,31 @@ def _magnitude_sample(tensors: Sequence[Tensor], total: int) -> Tensor:
     return torch.where(sample.isnan(), torch.inf, sample)
 
 
+_CHUNK = 1 << 20  # elements scanned at a time: bounds the selection's scratch memory
+
+
+def _chunks(tensors: Sequence[Tensor], offsets: list[int]) -> Iterator[tuple[Tensor, int]]:
+    """Flat pieces of at most ``_CHUNK`` elements of every tensor, with their global offsets."""
+    for t, offset in zip(tensors, offsets):
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            yield flat[start : start + _CHUNK], offset + start
+
+
 def _above(tensors: Sequence[Tensor], offsets: list[int], tau: float, n: int, device: torch.device) -> Tensor | None:
     """Global flat indices of the top ``n`` given that it lies in ``|x| >= tau``; None when fewer than ``n`` do."""
     acc = _accumulation_dtype(tensors)
     values, indices = [], []
-    # one |t| and one mask buffer per dtype and device, reused tensor after tensor: fresh large
-    # temporaries per tensor cost page faults on CPU
+    # one |x| and one mask buffer per dtype and device, reused chunk after chunk: fresh large
+    # temporaries cost page faults on CPU
     scratch: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
-    largest = max(t.numel() for t in tensors)
-    for t, offset in zip(tensors, offsets):
-        if t.numel() == 0:
-            continue
-        key = (t.dtype, t.device)
+    size = min(_CHUNK, max(t.numel() for t in tensors))
+    for part, offset in _chunks(tensors, offsets):
+        key = (part.dtype, part.device)
         if key not in scratch:
-            scratch[key] = (t.new_empty(largest), torch.empty(largest, dtype=torch.bool, device=t.device))
-        mag, mask = (buf[: t.numel()] for buf in scratch[key])
-        torch.abs(t.reshape(-1), out=mag)
+            scratch[key] = (part.new_empty(size), torch.empty(size, dtype=torch.bool, device=part.device))
+        mag, mask = (buf[: part.numel()] for buf in scratch[key])
+        torch.abs(part, out=mag)
         idx = torch.le(mag, tau, out=mask).logical_not_().nonzero().squeeze(1)  # ``not <=`` also keeps NaN
         values.append(mag.index_select(0, idx).to(device, acc))
         indices.append(idx.to(device) + offset)
@@ -178,12 +188,10 @@ def _above(tensors: Sequence[Tensor], offsets: list[int], tau: float, n: int, de
         return indices
     missing = n - values.numel()
     ties = []
-    for t, offset in zip(tensors, offsets):
+    for part, offset in _chunks(tensors, offsets):
         if missing == 0:
             break
-        if t.numel() == 0:
-            continue
-        idx = (t.reshape(-1).abs() == tau).nonzero().squeeze(1)[:missing]
+        idx = (part.abs() == tau).nonzero().squeeze(1)[:missing]
         ties.append(idx.to(device) + offset)
         missing -= idx.numel()
     if missing > 0:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from acr_optim import ACR, top_n_indices
+from acr_optim import ACR, corruption, top_n_indices
 
 
 def concatenated_top_values(tensors, n):
@@ -35,9 +35,12 @@ def large_gradients(kind):
     return ts
 
 
+@pytest.mark.parametrize("chunk", [None, 1000])  # None: the default chunk, larger than every tensor here
 @pytest.mark.parametrize("kind", ["gaussian", "mostly_zero", "ties", "heavy_tail"])
 @pytest.mark.parametrize("n", [1, 7, 800, 10_000, 60_000, 82_000, 10**6])
-def test_threshold_selection_equals_a_concatenated_topk(kind, n):
+def test_threshold_selection_equals_a_concatenated_topk(kind, n, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(corruption, "_CHUNK", chunk)
     ts = large_gradients(kind)
     idx = top_n_indices(ts, n)
     assert [i.numel() for i in idx][4] == 0
