@@ -39,19 +39,19 @@ from transformers import (
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "recipes"))
-from _common import (  # noqa: E402
+from _common import (
     load_parallel_file,
     read_lines,
     train_byte_level_tokenizer,
     train_sentencepiece_style_tokenizer,
 )
-from de_en import TINY_MARIAN  # noqa: E402
-from lm import TINY_GPT2  # noqa: E402
+from de_en import TINY_MARIAN
+from lm import TINY_GPT2
 
-from acr_optim import ACR  # noqa: E402
-from acr_optim.corruption import check_eps, check_n  # noqa: E402
-from acr_optim.optimizer import check_alpha  # noqa: E402
-from acr_optim.probe.metrics import bleu, perplexity  # noqa: E402
+from acr_optim import ACR
+from acr_optim.corruption import check_eps, check_n
+from acr_optim.optimizer import check_alpha
+from acr_optim.probe.metrics import bleu, perplexity
 
 TASKS = ("de_en", "lm")
 METRIC = {"de_en": "bleu", "lm": "perplexity"}

@@ -135,8 +135,13 @@ def plot_sweep(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], path:
         swept = [r for r in rows if r["sweep"] == kind]
         for eps in sorted({r["eps"] for r in swept}):
             line = sorted((r for r in swept if r["eps"] == eps), key=lambda r: r[key])
-            (handle,) = ax.plot([r[key] for r in line], [r["metric_value"] for r in line], marker="o", markersize=3,
-                                label="clean" if eps == 0 else f"corrupted, eps={eps:g}")
+            (handle,) = ax.plot(
+                [r[key] for r in line],
+                [r["metric_value"] for r in line],
+                marker="o",
+                markersize=3,
+                label="clean" if eps == 0 else f"corrupted, eps={eps:g}",
+            )
             base = next(r["metric_value"] for r in baseline if r["eps"] == eps)
             ax.axhline(base, color=handle.get_color(), linestyle="--", linewidth=0.8)
         ax.set_xlabel(f"ACR training {kind}")
@@ -153,13 +158,13 @@ def plot_sweep(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = S.parser(__doc__.splitlines()[1], "acr_training")
     ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
-    ap.add_argument("--acr-eps", type=S.positive_float, default=0.5, help="ACR training eps (L2)")
+    ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR training eps (L2)")
     ap.add_argument("--acr-alpha", type=S.unit_float, default=0.5, help="ACR weight of the corrupted loss")
     ap.add_argument("--intervals", type=S.positive_int, nargs="*", default=[2], help="amortized ACR runs (k > 1)")
     ap.add_argument("--matched-baseline", action="store_true", help="also AdamW for 2 x --steps steps")
-    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
     ap.add_argument("--sweep-task", choices=S.TASKS, default="lm", help="task of the eps/alpha sweep")
-    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="*", default=[0.1, 0.25, 1.0, 2.0])
+    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="*", default=[0.03, 0.3, 1.0])
     ap.add_argument("--sweep-alpha", type=S.unit_float, nargs="*", default=[0.25, 0.75])
     args = ap.parse_args(argv)
     S.setup(args)
@@ -174,7 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 S.Recipe(seed=seed, steps=args.steps, **common),
                 S.Recipe(seed=seed, steps=args.steps, acr_eps=args.acr_eps, acr_alpha=args.acr_alpha, **common),
                 *(
-                    S.Recipe(seed=seed, steps=args.steps, acr_eps=args.acr_eps, acr_alpha=args.acr_alpha, interval=k, **common)
+                    S.Recipe(
+                        seed=seed,
+                        steps=args.steps,
+                        acr_eps=args.acr_eps,
+                        acr_alpha=args.acr_alpha,
+                        interval=k,
+                        **common,
+                    )
                     for k in args.intervals
                     if k > 1
                 ),

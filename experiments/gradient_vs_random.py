@@ -30,7 +30,7 @@ import _shared as S
 
 from acr_optim.probe import probe
 
-DEFAULT_EPS = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+DEFAULT_EPS = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 
 
 def corruption_rows(task: S.Task, model: Any, args: Any) -> list[dict[str, Any]]:

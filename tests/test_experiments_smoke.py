@@ -48,13 +48,15 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 def test_gradient_vs_random(tmp_path, cache):
     eps = ["0.1", "1", "10"]
-    gradient_vs_random.main(_args(tmp_path, cache, "--eps", *eps, "--small-n", "20", "--trials", "3", "--pgd-steps", "2"))
+    gradient_vs_random.main(
+        _args(tmp_path, cache, "--eps", *eps, "--small-n", "20", "--trials", "3", "--pgd-steps", "2")
+    )
     rows = _read(tmp_path / "corruption.csv")
     assert len(rows) == 2 * 3 * 2 * 3  # tasks x methods x n x eps
     assert {r["draws"] for r in rows if r["method"] == "random"} == {"3"}
     assert {r["draws"] for r in rows if r["method"] != "random"} == {"1"}
     assert {r["metric"] for r in rows} == {"bleu", "perplexity"}
-    key = lambda r: (r["task"], r["n"], r["eps"])  # noqa: E731
+    key = lambda r: (r["task"], r["n"], r["eps"])
     gradient = {key(r): float(r["delta_loss_mean"]) for r in rows if r["method"] == "gradient"}
     for r in rows:
         if r["method"] == "pgd":  # PGD keeps its best iterate, the gradient corruption being the first one
@@ -107,7 +109,12 @@ def test_acr_training(tmp_path, cache):
     assert len(table) == 2 * 4 * 3 and {r["seeds"] for r in table} == {"2"}
     sweep = _read(tmp_path / "sweep.csv")
     points = {(r["sweep"], r["acr_eps"], r["acr_alpha"]) for r in sweep}
-    assert points == {("baseline", "", ""), ("eps", "0.1", "0.5"), ("eps", "0.5", "0.5"), ("alpha", "0.5", "0.25"),
-                      ("alpha", "0.5", "0.5")}
+    assert points == {
+        ("baseline", "", ""),
+        ("eps", "0.1", "0.5"),
+        ("eps", "0.5", "0.5"),
+        ("alpha", "0.5", "0.25"),
+        ("alpha", "0.5", "0.5"),
+    }
     for name in ("de_en_acr.png", "lm_acr.png", "sweep.png"):
         assert (tmp_path / name).stat().st_size > 0
