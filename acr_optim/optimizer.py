@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,16 @@ def _put_(p: Tensor, flat_index: Tensor, values: Tensor, accumulate: bool = Fals
         p.index_put_(torch.unravel_index(flat_index, p.shape), values, accumulate=accumulate)
 
 
+def _combined_norm(parts: list[tuple[float, float]]) -> float:
+    """``||a||_p`` of a corruption made of independent parts with norms ``eps_i`` in one ``p``; the
+    sum of the ``eps_i`` (the L1 combination, an upper bound) when the parts use different ``p``."""
+    ps = {p for _, p in parts}
+    if len(ps) != 1:
+        return sum(eps for eps, _ in parts)
+    (p,) = ps
+    return max(eps for eps, _ in parts) if math.isinf(p) else sum(eps**p for eps, _ in parts) ** (1 / p)
+
+
 @dataclass
 class _Pending:
     """What :meth:`ACR.restore` must undo; never part of ``state_dict``."""
@@ -68,10 +79,14 @@ class ACR(Optimizer):
     ``ACR`` shares ``param_groups`` and ``state`` with ``base_optimizer``, so LR schedulers,
     ``add_param_group`` and ``state_dict``/``load_state_dict`` act on both.  The settings live in
     each param group as ``acr_eps``, ``acr_p``, ``acr_alpha`` and ``acr_n`` (prefixed, because
-    ``eps`` is already Adam's) and may be overridden per group; the constraint applies to each
-    group's parameters as one vector (with one group, the whole model).  ``acr_eps = 0`` keeps a
-    group uncorrupted (it still receives the mixed gradient).  Parameters without a gradient are
-    skipped.
+    ``eps`` is already Adam's) and may be overridden per group.  All groups that share
+    ``(acr_eps, acr_p, acr_n)`` are corrupted together as one vector under one constraint (so a
+    weight-decay/no-decay split leaves the constraint on the whole model); a group that
+    overrides any of them gets a constraint of its own.  ``acr_eps = 0`` keeps a group
+    uncorrupted (it still receives the mixed gradient; ``acr_alpha`` is per group).
+    Parameters without a gradient are skipped.  After :meth:`perturb`,
+    ``last_first_order_gain`` holds the predicted loss increase ``a.g`` and
+    ``last_corruption_norm`` the norm ``||a||_p`` applied.
 
     Two ways to drive it:
 
@@ -121,6 +136,7 @@ class ACR(Optimizer):
         self._corrupted_this_step = False
         self._backups: dict[Tensor, Tensor] = {}
         self.last_first_order_gain: float | None = None
+        self.last_corruption_norm: float | None = None
         super().__init__(base_optimizer.param_groups, defaults)
         self.param_groups = base_optimizer.param_groups
         self.state = base_optimizer.state
@@ -210,10 +226,11 @@ class ACR(Optimizer):
         if self._pending is not None:
             raise RuntimeError("perturb() called again before restore(): the weights are already perturbed")
         self._corrupted_this_step = True
-        self.last_first_order_gain = None
+        self.last_first_order_gain = self.last_corruption_norm = None
         if not self.corrupts_this_step:
             return False
-        plans = []
+        # Groups with the same (eps, p, n) form one vector under one constraint.
+        vectors: dict[tuple[float, float, int | None], list[Tensor]] = {}
         uses_corrupted_grad = False
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -222,18 +239,22 @@ class ACR(Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("ACR does not support sparse gradients")
             uses_corrupted_grad |= group["acr_alpha"] > 0
-            if group["acr_eps"] == 0:
-                continue
+            if group["acr_eps"] > 0:
+                vectors.setdefault((group["acr_eps"], group["acr_p"], group["acr_n"]), []).extend(params)
+        if not uses_corrupted_grad:
+            return False
+        plans = []
+        for (eps, p_norm, n), params in vectors.items():
             grads = [p.grad for p in params]
-            indices = _select(grads, group["acr_n"], group["acr_p"])
+            indices = _select(grads, n, p_norm)
             h = grads if indices is None else _gather(grads, indices)
             try:
-                plan = LpCorruption.plan(h, group["acr_eps"], group["acr_p"])
+                plan = LpCorruption.plan(h, eps, p_norm)
             except NonFiniteGradientError:
                 return False
             if plan is not None:
                 plans.append((params, indices, h, plan))
-        if not plans or not uses_corrupted_grad:
+        if not plans:
             return False
 
         pending = _Pending()
@@ -255,6 +276,7 @@ class ACR(Optimizer):
         self._stash_clean_grads(pending)
         self._pending = pending
         self.last_first_order_gain = sum(plan.gain for *_, plan in plans)
+        self.last_corruption_norm = _combined_norm([(plan.eps, plan.p) for *_, plan in plans])
         return True
 
     def _perturb_dense(

@@ -473,3 +473,37 @@ def test_interval_corrupts_every_kth_step_with_one_pass_on_the_others():
     opt.step()  # a cheap step: no closure, no perturb() needed
     with pytest.raises(ValueError, match="interval"):
         ACR(torch.optim.SGD(model.parameters(), lr=0.1), interval=0)
+
+
+def test_groups_sharing_settings_form_one_vector_and_overrides_split_it():
+    # A weight-decay/no-decay split must not change the corruption: one vector, one constraint.
+    x, y = batches(1)[0]
+    seen = {}
+    for name, groups, eps_other in [
+        ("one", lambda m: [{"params": m.parameters()}], None),
+        ("split", lambda m: [{"params": m[0].parameters(), "weight_decay": 0.1}, {"params": m[3].parameters()}], None),
+        ("override", lambda m: [{"params": m[0].parameters()}, {"params": m[3].parameters(), "acr_eps": 0.3}], 0.3),
+    ]:
+        model = make_model()
+        opt = ACR(torch.optim.SGD(groups(model), lr=0.1), eps=0.2)
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        grads = [q.grad.clone() for q in model.parameters()]
+        before = [q.detach().clone() for q in model.parameters()]
+        assert opt.perturb()
+        seen[name] = [q.detach() - b for q, b in zip(model.parameters(), before)]
+        if eps_other is None:
+            assert opt.last_corruption_norm == 0.2
+            assert opt.last_first_order_gain == pytest.approx(0.2 * torch.cat([g.flatten() for g in grads]).norm().item())
+        else:
+            assert opt.last_corruption_norm == pytest.approx(math.hypot(0.2, 0.3))
+            first, last = seen[name][:2], seen[name][2:]
+            assert lp_norm(first) == pytest.approx(0.2, rel=1e-5) and lp_norm(last) == pytest.approx(0.3, rel=1e-5)
+        opt.restore()
+    assert lp_norm(seen["one"]) == pytest.approx(0.2, rel=1e-5)
+    for a, b in zip(seen["one"], seen["split"]):
+        assert torch.equal(a, b)
+
+
+def lp_norm(tensors, p=2):
+    return torch.linalg.vector_norm(torch.cat([t.flatten() for t in tensors]), p).item()

@@ -15,8 +15,8 @@ or letting the callback wrap the optimizer the Trainer builds from ``TrainingArg
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[ACRCallback(eps=0.1, p=2, alpha=0.5)])
 
-(the Trainer's default AdamW has two param groups, with and without weight decay, and ACR
-applies the constraint to each group separately).
+(the Trainer's default AdamW has two param groups, with and without weight decay; they share
+the ACR settings, so ACR corrupts them together under the one constraint ``||a||_p = eps``).
 
 How it works.  The Trainer runs one forward/backward per micro-batch, clips, and calls
 ``optimizer.step()`` without a closure; clipping and the ``GradScaler`` unscale happen *before*
@@ -40,8 +40,8 @@ averaged over the optimizer steps since the previous log and over processes:
 * ``acr/corrupted_loss``: the training loss at ``w + a`` (same micro-batches and dropout masks);
 * ``acr/loss_gap``: corrupted minus clean loss, an online estimate of the corruption indicator;
 * ``acr/first_order_gain``: its first-order prediction ``eps * ||top_n(g)||_{p/(p-1)}``;
-* ``acr/corruption_norm``: ``||a||_p`` applied (``eps``; several corrupted groups combine as
-  ``(sum eps_g^p)^(1/p)``, or ``sum eps_g`` if their ``p`` differ).
+* ``acr/corruption_norm``: ``||a||_p`` applied (:attr:`ACR.last_corruption_norm`: ``eps``, or
+  several independently constrained groups combined as ``(sum eps_g^p)^(1/p)``).
 
 Supported: ``transformers >= 5.0, < 6`` (:data:`SUPPORTED_TRANSFORMERS`), single process, DDP
 through ``accelerate`` (the perturbation is built from the all-reduced gradient, or per replica
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -104,17 +103,6 @@ def _set_rng_state(device: torch.device, states: list[Tensor]) -> None:
     torch.set_rng_state(states[0])
     if device.type != "cpu":
         torch.get_device_module(device.type).set_rng_state(states[1])
-
-
-def _applied_norm(acr: ACR) -> float:
-    """``||a||_p`` that :meth:`ACR.perturb` applies to the groups with ``eps > 0`` and gradients."""
-    groups = [g for g in acr.param_groups if g["acr_eps"] > 0 and any(p.grad is not None for p in g["params"])]
-    eps = [g["acr_eps"] for g in groups]
-    ps = {g["acr_p"] for g in groups}
-    if len(ps) != 1:
-        return sum(eps)
-    (p,) = ps
-    return max(eps) if math.isinf(p) else sum(e**p for e in eps) ** (1 / p)
 
 
 class ACRCallback(TrainerCallback):
@@ -228,7 +216,6 @@ class ACRCallback(TrainerCallback):
         trainer, acr = self.trainer, self._acr()
         device = trainer.args.device
         self._steps += 1
-        norm = _applied_norm(acr)
         perturbed = acr.perturb()
         replay = perturbed
         distributed = self.per_replica and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -263,7 +250,7 @@ class ACRCallback(TrainerCallback):
             self._corrupted += 1
             self._corrupted_loss = self._corrupted_loss + corrupted.detach()
             self._gap = self._gap + (corrupted.detach() - clean)
-            self._norm += norm
+            self._norm += acr.last_corruption_norm
             self._gain += gain
 
     def _acr(self) -> ACR:
