@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "NonFiniteGradientError",
     "LpCorruption",
+    "NonFiniteGradientError",
     "check_eps",
     "check_n",
     "check_p",

@@ -363,7 +363,7 @@ def print_table(rows: dict, header: str) -> None:
     table = Table(title=header)
     for col in ("variant", "ms/step", "IQR ms", "/base", "/floor", "/peer", "held/params", "peak/params"):
         table.add_column(col, justify="right" if col != "variant" else "left")
-    fmt = lambda row, key, spec: format(row[key], spec) if key in row else ""  # noqa: E731
+    fmt = lambda row, key, spec: format(row[key], spec) if key in row else ""
     for name, row in rows.items():
         table.add_row(
             name,
