@@ -1,5 +1,5 @@
 """What ``recipes/de_en.py`` and ``recipes/lm.py`` share: arguments, data files, locally trained
-tokenizers, the ACR optimizer, the robustness evaluation and the closing summary.
+tokenizers, the ACR optimizer, the robustness evaluation, the model card and the closing summary.
 
 Kept next to the recipes (``accelerate launch recipes/de_en.py`` puts this folder on ``sys.path``).
 """
@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, Trai
 
 from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n, check_p
+from acr_optim.hub import write_model_card
 from acr_optim.integrations.hf import ACRCallback
 from acr_optim.optimizer import check_alpha
 from acr_optim.probe import corrupted, estimate_indicator
@@ -307,6 +308,49 @@ def robustness_block(rows: Sequence[tuple[float, float, float]], metric: str, ar
         "n": args.corruption_eval_n,
         "rows": [{"eps": eps, metric: value, "loss_increase": increase} for eps, value, increase in rows],
     }
+
+
+def write_card(
+    trainer: Trainer,
+    args: RecipeArguments,
+    rows: Sequence[tuple[float, float, float]],
+    *,
+    what: str,
+    local_dataset: str,
+    task_type: str,
+    metric_type: str,
+    metric_name: str,
+    language: str | list[str],
+    training: dict[str, Any] | None = None,
+) -> None:
+    """``output_dir/README.md``: the model card of the run (see :func:`acr_optim.hub.write_model_card`)."""
+    training_args, model = trainer.args, trainer.model
+    on_hub = bool(args.dataset_name)
+    dataset = args.dataset_name or (local_dataset if not args.train_file else Path(args.train_file).parent.name)
+    write_model_card(
+        training_args.output_dir,
+        model_name=Path(training_args.output_dir).name,
+        description=f"{what} ({type(model).__name__}, {model.num_parameters():,} parameters), "
+        f"trained on {dataset}, {args.training_kind}.",
+        task_type=task_type,
+        metric_type=metric_type,
+        metric_name=metric_name,
+        results=[(eps, value) for eps, value, _ in rows],
+        dataset_name=dataset,
+        dataset_type=dataset if on_hub else "local",
+        dataset_config=args.dataset_config_name,
+        hub_datasets=[args.dataset_name] if on_hub else [],
+        corruption_p=args.corruption_eval_p,
+        corruption_n=args.corruption_eval_n,
+        acr=args.acr_config,
+        base_model=args.model_name_or_path,
+        language=language,
+        training={
+            k: getattr(training_args, k)
+            for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed")
+        }
+        | (training or {}),
+    )
 
 
 def summary(

@@ -53,9 +53,8 @@ from _common import (
     robustness_rows,
     summary,
     train_byte_level_tokenizer,
+    write_card,
 )
-
-from acr_optim.hub import write_model_card
 
 # The recipe's defaults, put before the command line so any of them can be overridden there.
 # fmt: off
@@ -183,33 +182,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(test_metrics)
 
     if trainer.is_world_process_zero():
-        on_hub = bool(args.dataset_name)
-        dataset = args.dataset_name or (
-            "de_en_small (English side)" if not args.train_file else Path(args.train_file).parent.name
-        )
-        write_model_card(
-            training_args.output_dir,
-            model_name=Path(training_args.output_dir).name,
-            description=f"A causal language model ({type(model).__name__}, {model.num_parameters():,} parameters), "
-            f"trained on {dataset}, {args.training_kind}.",
+        write_card(
+            trainer,
+            args,
+            rows,
+            what="A causal language model",
+            local_dataset="de_en_small (English side)",
             task_type="text-generation",
             metric_type="perplexity",
             metric_name="Perplexity",
-            results=[(eps, value) for eps, value, _ in rows],
-            dataset_name=dataset,
-            dataset_type=dataset if on_hub else "local",
-            dataset_config=args.dataset_config_name,
-            hub_datasets=[args.dataset_name] if on_hub else [],
-            corruption_p=args.corruption_eval_p,
-            corruption_n=args.corruption_eval_n,
-            acr=args.acr_config,
-            base_model=args.model_name_or_path,
             language="en",
-            training={
-                k: getattr(training_args, k)
-                for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed")
-            }
-            | {"block_size": block_size},
+            training={"block_size": block_size},
         )
         lines = [
             (
