@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             }
         )
         model = AutoModelForCausalLM.from_config(config)
+    # Models such as GPT-2 leave loss_type unset (their loss still falls back to the causal-LM loss);
+    # naming it lets the Trainer count num_items_in_batch over the shifted labels that loss averages over.
+    if model.loss_type is None:
+        model.loss_type = "ForCausalLM"
     block_size = args.block_size
 
     def tokenize_and_group(batch):
