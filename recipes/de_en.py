@@ -26,6 +26,7 @@ corruption, see ``--corruption_eval_eps``) and a model card ``README.md``.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
         )
+
+    # Marian, BART and T5 average their cross-entropy themselves (no self.loss_function) and ignore
+    # num_items_in_batch, but take **kwargs, so the Trainer would assume they normalise over the
+    # accumulated tokens and skip its division by gradient_accumulation_steps.
+    if "loss_function" not in inspect.getsource(type(model).forward):
+        model.accepts_loss_kwargs = False
 
     def tokenize(batch):
         pairs = batch["translation"]

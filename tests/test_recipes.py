@@ -278,3 +278,18 @@ def test_lm_recipe_reads_gzipped_wikitext(tmp_path):
     )
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_perplexity"] == math.exp(results["eval_loss"])
+
+
+def test_de_en_gradient_accumulation_keeps_the_loss_scale(tmp_path):
+    # 2 micro-batches of 4 must log the same training loss as 1 batch of 8 (Marian ignores num_items_in_batch).
+    common = ["--max_steps", "1", "--logging_steps", "1", "--max_train_samples", "8", "--max_eval_samples", "4",
+              "--max_predict_samples", "4", "--tokenizer_vocab_size", "300", "--generation_max_length", "4",
+              "--corruption_eval_eps", "0.1", "--no_acr"]  # fmt: skip
+    losses = []
+    for batch, accumulation in [(8, 1), (4, 2)]:
+        out = tmp_path / f"b{batch}"
+        de_en.main([*common, "--output_dir", str(out), "--per_device_train_batch_size", str(batch),
+                    "--gradient_accumulation_steps", str(accumulation)])  # fmt: skip
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses.append(next(h["loss"] for h in history if "loss" in h))
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
