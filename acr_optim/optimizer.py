@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,12 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     if not 0 <= alpha <= 1:
         raise ValueError(f"{name} must satisfy 0 <= {name} <= 1, got {alpha!r}")
     return float(alpha)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    # torch.distributed.tensor costs ~0.6 s to import; anyone holding a DTensor has imported it already.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def _put_(p: Tensor, flat_index: Tensor, values: Tensor, accumulate: bool = False) -> None:
@@ -159,6 +166,11 @@ class ACR(Optimizer):
         check_p(group["acr_p"], name="param group acr_p")
         check_alpha(group["acr_alpha"], name="param group acr_alpha")
         check_n(group["acr_n"], name="param group acr_n")
+        if any(_is_dtensor(p) for p in group["params"]):
+            raise NotImplementedError(
+                "ACR does not support sharded DTensor parameters (FSDP2, tensor parallelism) yet: the corruption "
+                "needs the global gradient norm and top-n across shards; use DDP or a single process"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (its groups carry the ``acr_*`` settings) plus ACR's step count."""

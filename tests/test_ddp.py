@@ -118,3 +118,33 @@ if __name__ == "__main__":  # the worker, one per process
     }
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, out)
+
+
+FSDP2_SCRIPT = """
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from acr_optim import ACR
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=int(__import__("sys").argv[1]), world_size=2)
+model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+fully_shard(model)
+try:
+    ACR(torch.optim.SGD(model.parameters(), lr=0.1), eps=0.1)
+except NotImplementedError as err:
+    print("REFUSED", "FSDP2" in str(err))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_sharded_parameters_are_refused_at_construction(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT.format(port=port))
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE, text=True) for rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert all("REFUSED True" in out for out in outputs)
