@@ -18,8 +18,8 @@ from .corruption import check_eps, check_n, check_p
 
 __all__ = ["DEFAULT_TEMPLATE", "write_model_card"]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "acr_model_card.md"
-"""The card template of a source checkout (``hub_cards/`` next to the package)."""
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "hub_cards" / "acr_model_card.md"
+"""The card template shipped with the package (``hub_cards/`` at the top of the repository links to it)."""
 
 _DEFAULT_INTENDED_USE = (
     "A research artefact: comparing the robustness of models trained with and without ACR under the "
