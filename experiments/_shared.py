@@ -336,6 +336,10 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
             loss = optimizer.step(closure)
         schedule.step()
         losses.append(float(loss.detach()))
+        if len(losses) % 100 == 0:
+            print(
+                f"  {recipe.label} step {len(losses)}/{recipe.steps}: {time.perf_counter() - start:.0f} s", flush=True
+            )
     run = {
         "recipe": recipe.label,
         **recipe.__dict__,
