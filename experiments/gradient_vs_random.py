@@ -19,7 +19,6 @@ eps), ``runs.json`` (training runs) and ``<task>_corruption.png`` under ``--out`
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -71,6 +70,15 @@ def corruption_rows(task: S.Task, model: Any, args: Any) -> list[dict[str, Any]]
     return rows
 
 
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """2 x 2 panels: metric (top) and loss increase (bottom) vs eps, for n = all (left) and the small n (right)."""
     from matplotlib.figure import Figure
@@ -95,12 +103,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             if key == "metric":
                 ax.axhline(rows[0]["metric_clean"], color="grey", linestyle="--", linewidth=1, label="clean")
             ax.set_xscale("log")
-            positive = [r[f"{key}_mean"] for r in rows if r["n"] == n and math.isfinite(r[f"{key}_mean"])]
             if key == "delta_loss" or metric == "perplexity":
-                if positive and min(positive) > 0:
-                    ax.set_yscale("log")
-                else:
-                    ax.set_yscale("symlog", linthresh=1e-3)
+                ax.set_yscale("log", nonpositive="mask")  # a random mean can be <= 0 at tiny eps: not drawn
             ax.set_xlabel("eps (L2 norm of the corruption)")
             ax.set_ylabel(label)
             ax.set_title(f"{rows[0]['task']}: n = {n}", fontsize=9)
@@ -115,7 +119,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--small-n", type=S.n_value, default=100, help="the small L0 limit n (besides n = all)")
     ap.add_argument("--trials", type=S.positive_int, default=5, help="random draws (>= 5 for a std)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD ascent steps (0 = the gradient corruption)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figures from --out/corruption.csv")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        rows = [{k: _number(v) for k, v in row.items()} for row in S.read_rows(args.out / "corruption.csv")]
+        for name in dict.fromkeys(r["task"] for r in rows):
+            plot([r for r in rows if r["task"] == name], args.out / f"{name}_corruption.png")
+        return rows
     S.setup(args)
     rows, runs = [], []
     for name in args.tasks:
