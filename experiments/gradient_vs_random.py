@@ -30,6 +30,7 @@ import _shared as S
 from acr_optim.probe import probe
 
 DEFAULT_EPS = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+PERPLEXITY_TOP = 1e4
 
 
 def corruption_rows(task: S.Task, model: Any, args: Any) -> list[dict[str, Any]]:
@@ -90,6 +91,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for col, n in enumerate(ns):
         for row_index, (key, label) in enumerate([("metric", metric), ("delta_loss", "L(w+a) - L(w)")]):
             ax = axes[row_index][col]
+            log_axis = key == "delta_loss" or metric == "perplexity"
             for method in ("gradient", "pgd", "random"):
                 line = sorted((r for r in rows if r["n"] == n and r["method"] == method), key=lambda r: r["eps"])
                 xs = [r["eps"] for r in line]
@@ -99,14 +101,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     std = [r[f"{key}_std"] for r in line]
                     lo = [y - s for y, s in zip(ys, std)]
                     hi = [y + s for y, s in zip(ys, std)]
-                    ax.fill_between(xs, lo, hi, color=handle.get_color(), alpha=0.25, label="random +/- std")
+                    ax.fill_between(
+                        xs,
+                        lo,
+                        hi,
+                        where=[low > 0 or not log_axis for low in lo],  # log axes: no band where it reaches <= 0
+                        color=handle.get_color(),
+                        alpha=0.25,
+                        label="random +/- std",
+                    )
             if key == "metric":
-                ax.axhline(rows[0]["metric_clean"], color="grey", linestyle="--", linewidth=1, label="clean")
+                clean = rows[0]["metric_clean"]
+                ax.axhline(clean, color="grey", linestyle="--", linewidth=1, label="clean")
+                if metric == "perplexity":  # corrupted perplexities reach 1e200: show the range that matters
+                    ax.set_ylim(0.8 * clean, PERPLEXITY_TOP)
             ax.set_xscale("log")
-            if key == "delta_loss" or metric == "perplexity":
+            if log_axis:
                 ax.set_yscale("log", nonpositive="mask")  # a random mean can be <= 0 at tiny eps: not drawn
             ax.set_xlabel("eps (L2 norm of the corruption)")
-            ax.set_ylabel(label)
+            ax.set_ylabel(
+                label if key == "delta_loss" or metric != "perplexity" else f"{label} (axis cut at {PERPLEXITY_TOP:g})"
+            )
             ax.set_title(f"{rows[0]['task']}: n = {n}", fontsize=9)
             if row_index == 0 and col == 0:
                 ax.legend(fontsize=7)
