@@ -24,9 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "LpCorruption",
@@ -203,11 +208,34 @@ def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
-    """Global ``||x||_ord`` of the flat vector formed by ``tensors`` (at least float32, no rescaling)."""
-    device = tensors[0].device
-    per_tensor = torch._foreach_norm(list(tensors), ord, dtype=_accumulation_dtype(tensors))
-    return torch.linalg.vector_norm(torch.stack([v.to(device) for v in per_tensor]), ord)
+def _norm(
+    tensors: Sequence[Tensor],
+    ord: float,
+    group: ProcessGroup | None = None,
+    device: torch.device | None = None,
+    scale: float | None = None,
+) -> float:
+    """``||x||_ord`` (of ``x * scale`` if given) of the flat vector formed by ``tensors``, at least in float32.
+
+    With ``group``, ``tensors`` are this process's shards of the vector (possibly none) and the
+    norm is combined over the group's processes (``sum |x|^ord``, or the max, in float64).
+    """
+    tensors = [t for t in tensors if t.numel() > 0]
+    device = tensors[0].device if tensors else device
+    if tensors and scale is None:
+        per_tensor = torch._foreach_norm(tensors, ord, dtype=_accumulation_dtype(tensors))
+    else:  # rescaling holds one scaled temporary at a time
+        per_tensor = [torch.linalg.vector_norm(t.to(_accumulation_dtype(tensors)) * scale, ord) for t in tensors]
+    local = torch.linalg.vector_norm(torch.stack([v.to(device) for v in per_tensor]), ord) if tensors else None
+    if group is None:
+        return local.item()
+    part = torch.zeros((), dtype=torch.float64, device=device) if local is None else local.double()
+    if ord == INF:
+        dist.all_reduce(part, op=dist.ReduceOp.MAX, group=group)
+        return part.item()
+    part = part**ord
+    dist.all_reduce(part, group=group)
+    return part.item() ** (1 / ord)
 
 
 @dataclass(frozen=True)
@@ -225,33 +253,45 @@ class LpCorruption:
     m_over_d: float
 
     @classmethod
-    def plan(cls, h: Sequence[Tensor], eps: float, p: float) -> LpCorruption | None:
+    def plan(
+        cls,
+        h: Sequence[Tensor],
+        eps: float,
+        p: float,
+        group: ProcessGroup | None = None,
+        device: torch.device | None = None,
+    ) -> LpCorruption | None:
         """Plan the corruption of ``h``; ``None`` when ``h == 0``.
 
         Raises :class:`NonFiniteGradientError` when ``h`` holds inf or NaN.  Costs one pass
-        over ``h`` and one host synchronisation (two passes when rescaling is needed).
+        over ``h`` and one host synchronisation (two passes when rescaling is needed).  With a
+        process ``group``, ``h`` holds this process's shards of the vector (FSDP2): every
+        reduction is combined over the group, so all its processes reach the same plan (and must
+        all call this; ``device`` places the collectives when this process holds no elements).
         """
         h = [t for t in h if t.numel() > 0]
-        if not h:
+        if not h and group is None:
             return None
-        dual, acc = dual_exponent(p), _accumulation_dtype(h)
-        fin = torch.finfo(acc)
-        d = _norms(h, dual).item()
+        dual = dual_exponent(p)
+        fin = torch.finfo(_accumulation_dtype(h))
+        d = _norm(h, dual, group, device)
         # Direct D is exact unless sum |h|^{p*} overflowed or its small terms fell below the normal
         # range while they still mattered (relative loss < total * tiny / D^{p*}, kept below eps).
-        underflow_floor = math.log(sum(t.numel() for t in h) * fin.tiny / fin.eps)
+        total = sum(t.numel() for t in h)
+        if group is not None:
+            count = torch.tensor(float(total), dtype=torch.float64, device=h[0].device if h else device)
+            dist.all_reduce(count, group=group)
+            total = int(count.item())
+        underflow_floor = math.log(total * fin.tiny / fin.eps)
         if 0 < d < INF and (dual == INF or dual * math.log(d) > underflow_floor):
             return cls(eps, p, 1.0, 1.0 / d)
-        m = _norms(h, INF).item()
+        m = _norm(h, INF, group, device)
         if not math.isfinite(m):
             raise NonFiniteGradientError("cannot build a corruption from a vector holding inf or NaN")
         if m == 0:
             return None
         inv_m = 1.0 / m
-        d_over_m = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(t.to(acc) * inv_m, dual).to(h[0].device) for t in h]), dual
-        ).item()
-        return cls(eps, p, inv_m, 1.0 / d_over_m)
+        return cls(eps, p, inv_m, 1.0 / _norm(h, dual, group, device, scale=inv_m))
 
     @property
     def dual_norm(self) -> float:

@@ -41,6 +41,29 @@ def _is_dtensor(t: Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
+def _shard_group(params: list[Tensor]) -> Any:
+    """The process group over which ``params`` are sharded (FSDP2 DTensors), or None for plain tensors.
+
+    Raises ``NotImplementedError`` for layouts whose global norm ACR cannot form from the local
+    shards: a mix of plain and sharded tensors, replicated placements, or a mesh of more than
+    one dimension (HSDP, tensor parallelism).
+    """
+    sharded = [_is_dtensor(p) for p in params]
+    if not any(sharded):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh = params[0].device_mesh
+    if not all(sharded) or any(
+        p.device_mesh != mesh or len(p.placements) != 1 or not isinstance(p.placements[0], Shard) for p in params
+    ):
+        raise NotImplementedError(
+            "ACR supports sharded parameters only as FSDP2 lays them out (DTensors sharded on a 1-D mesh, every "
+            "parameter of a param group sharded); replicated placements, HSDP and tensor parallelism are not supported"
+        )
+    return mesh.get_group()
+
+
 def _put_(p: Tensor, flat_index: Tensor, values: Tensor, accumulate: bool = False) -> None:
     """``p.flatten()[flat_index] = values`` (or ``+=``) in place, whatever the strides of ``p``."""
     if p.is_contiguous():
@@ -94,6 +117,11 @@ class ACR(Optimizer):
     Parameters without a gradient are skipped.  After :meth:`perturb`,
     ``last_first_order_gain`` holds the predicted loss increase ``a.g`` and
     ``last_corruption_norm`` the norm ``||a||_p`` applied.
+
+    FSDP2 (``fully_shard``): parameters sharded as DTensors on a 1-D mesh are supported with
+    ``n = None`` and ``p > 1``; the norms are reduced across the shard group, so every process
+    applies its shard of the same global corruption (2 processes == 1 process, tested).  Top-n
+    across shards, HSDP and tensor parallelism raise ``NotImplementedError`` at construction.
 
     Two ways to drive it:
 
@@ -166,10 +194,10 @@ class ACR(Optimizer):
         check_p(group["acr_p"], name="param group acr_p")
         check_alpha(group["acr_alpha"], name="param group acr_alpha")
         check_n(group["acr_n"], name="param group acr_n")
-        if any(_is_dtensor(p) for p in group["params"]):
+        if _shard_group(group["params"]) is not None and (group["acr_n"] is not None or group["acr_p"] == 1):
             raise NotImplementedError(
-                "ACR does not support sharded DTensor parameters (FSDP2, tensor parallelism) yet: the corruption "
-                "needs the global gradient norm and top-n across shards; use DDP or a single process"
+                "ACR with sharded (FSDP2) parameters supports n=None and p > 1 only: a top-n selection across "
+                "shards is not implemented"
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -214,10 +242,10 @@ class ACR(Optimizer):
             held += sum(i.numel() * i.element_size() + v.numel() * v.element_size() for _, i, v in self._pending.sparse)
         return held
 
-    def _backup(self, p: Tensor) -> Tensor:
-        buf = self._backups.get(p)
+    def _backup(self, owner: Tensor, p: Tensor) -> Tensor:
+        buf = self._backups.get(owner)
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = self._backups[p] = torch.empty_like(p)
+            buf = self._backups[owner] = torch.empty_like(p)
         return buf
 
     @torch.no_grad()
@@ -257,25 +285,28 @@ class ACR(Optimizer):
             return False
         plans = []
         for (eps, p_norm, n), params in vectors.items():
-            grads = [p.grad for p in params]
+            grads, owners = [p.grad for p in params], params
+            shard_group = _shard_group(params)
+            if shard_group is not None:  # FSDP2: work on this process's shards, reduce norms over the group
+                params, grads = [p.to_local() for p in params], [g.to_local() for g in grads]
             indices = _select(grads, n, p_norm)
             h = grads if indices is None else _gather(grads, indices)
             try:
-                plan = LpCorruption.plan(h, eps, p_norm)
+                plan = LpCorruption.plan(h, eps, p_norm, shard_group, params[0].device)
             except NonFiniteGradientError:
                 return False
             if plan is not None:
-                plans.append((params, indices, h, plan))
+                plans.append((owners, params, indices, h, plan))
         if not plans:
             return False
 
         pending = _Pending()
-        for params, indices, h, plan in plans:
+        for owners, params, indices, h, plan in plans:
             itemsize = params[0].element_size()
             if indices is None or sum(i.numel() for i in indices) * (8 + itemsize) > sum(
                 p.numel() * p.element_size() for p in params
             ):
-                self._perturb_dense(pending, params, indices, h, plan)
+                self._perturb_dense(pending, owners, params, indices, h, plan)
             else:
                 values = [torch.empty_like(v) for v in h]
                 plan.write_(values, h)
@@ -294,12 +325,14 @@ class ACR(Optimizer):
     def _perturb_dense(
         self,
         pending: _Pending,
+        owners: list[Tensor],
         params: list[Tensor],
         indices: list[Tensor] | None,
         h: list[Tensor],
         plan: LpCorruption,
     ) -> None:
-        backups = [self._backup(p) for p in params]
+        """``params`` (the parameters, or their local shards) <- ``w + a``, backing ``w`` up in buffers kept per owner."""
+        backups = [self._backup(owner, p) for owner, p in zip(owners, params)]
         torch._foreach_copy_(backups, params)
         if indices is None and plan.linear_scale is not None:
             torch._foreach_add_(params, h, alpha=plan.linear_scale)

@@ -121,22 +121,52 @@ if __name__ == "__main__":  # the worker, one per process
 
 
 FSDP2_SCRIPT = """
+import sys
 import torch, torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from acr_optim import ACR
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=int(__import__("sys").argv[1]), world_size=2)
-model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-fully_shard(model)
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5), nn.Tanh(), nn.Linear(5, 4))
+
+
+x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+y = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+for alpha in (0.3, 1.0):
+    model, ref = make(), make()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = ACR(torch.optim.AdamW(model.parameters(), lr=0.01), eps=0.1, p=3, alpha=alpha)
+    ref_opt = ACR(torch.optim.AdamW(ref.parameters(), lr=0.01), eps=0.1, p=3, alpha=alpha)
+    for _ in range(3):
+        for m, o, xb, yb in [(model, opt, x.chunk(2)[rank], y.chunk(2)[rank]), (ref, ref_opt, x, y)]:
+            def closure():
+                loss = nn.functional.mse_loss(m(xb), yb)
+                loss.backward()
+                return loss
+            o.zero_grad()
+            o.step(closure)
+    err = max((a.full_tensor() - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+    local_bytes = sum(q.to_local().numel() * 4 for q in model.parameters())
+    print("ALPHA", alpha, "ERR", err, "HELD", opt.extra_memory_bytes() == local_bytes)
 try:
-    ACR(torch.optim.SGD(model.parameters(), lr=0.1), eps=0.1)
+    ACR(torch.optim.SGD(model.parameters(), lr=0.1), eps=0.1, n=10)
 except NotImplementedError as err:
-    print("REFUSED", "FSDP2" in str(err))
+    print("TOPN REFUSED", "top-n" in str(err))
 dist.destroy_process_group()
 """
 
 
-def test_fsdp2_sharded_parameters_are_refused_at_construction(tmp_path):
+def test_fsdp2_two_processes_equal_one_process_and_top_n_is_refused(tmp_path):
+    # FSDP2 (fully_shard) over gloo: ACR forms the norm of the sharded gradient across processes.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -145,6 +175,11 @@ def test_fsdp2_sharded_parameters_are_refused_at_construction(tmp_path):
     procs = [
         subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE, text=True) for rank in (0, 1)
     ]
-    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs)
-    assert all("REFUSED True" in out for out in outputs)
+    outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    for out in outputs:
+        lines = [line.split() for line in out.splitlines() if line.startswith("ALPHA")]
+        assert len(lines) == 2
+        for line in lines:
+            assert float(line[3]) < 1e-6 and line[5] == "True"
+        assert "TOPN REFUSED True" in out
