@@ -10,10 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+from tiny_models import tiny_marian_config
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    MarianConfig,
     MarianMTModel,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -250,15 +250,8 @@ def test_mixed_precision_trains_and_logs(tmp_path, precision):
 def test_seq2seq_trainer_matches_hand_written_acr_loop(tmp_path):
     def marian():
         torch.manual_seed(0)
-        config = MarianConfig(
+        config = tiny_marian_config(
             vocab_size=VOCAB,
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
             max_position_embeddings=16,
             pad_token_id=1,
             eos_token_id=0,

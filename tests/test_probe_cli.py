@@ -14,6 +14,8 @@ tokenizers = pytest.importorskip("tokenizers")
 datasets = pytest.importorskip("datasets")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from tiny_models import tiny_marian_config
+
 from acr_optim.cli.probe import build_parser, main
 from acr_optim.probe import ProbeTable
 
@@ -130,20 +132,7 @@ def test_cli_seq2seq_parallel_text_and_classification_saved_dataset(tmp_path):
     tok = _tokenizer(tmp_path / "marian")
     torch.manual_seed(0)
     marian = transformers.MarianMTModel(
-        transformers.MarianConfig(
-            vocab_size=len(tok),
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            max_position_embeddings=32,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+        tiny_marian_config(vocab_size=len(tok), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     )
     marian.save_pretrained(tmp_path / "marian")
     (tmp_path / "src.txt").write_text("\n".join(_sentences(8, 1)) + "\n")

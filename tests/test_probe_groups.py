@@ -8,6 +8,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import tiny_marian_config
+
 from acr_optim.probe import group_parameters
 
 
@@ -34,20 +36,7 @@ def bert():
 
 def marian():
     return transformers.MarianMTModel(
-        transformers.MarianConfig(
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=2,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            vocab_size=50,
-            pad_token_id=0,
-            decoder_start_token_id=0,
-            eos_token_id=1,
-            max_position_embeddings=32,
-        )
+        tiny_marian_config(decoder_layers=2, vocab_size=50, pad_token_id=0, decoder_start_token_id=0, eos_token_id=1)
     )
 
 

@@ -1,0 +1,20 @@
+"""Small model configurations shared by the tests (no hub access: models are built from configs)."""
+
+from typing import Any
+
+
+def tiny_marian_config(**overrides: Any):
+    """A 1+1-layer Marian with d_model 16 (``overrides`` set vocabulary, special tokens, depth, dropout)."""
+    from transformers import MarianConfig
+
+    settings = {
+        "d_model": 16,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "encoder_ffn_dim": 32,
+        "decoder_ffn_dim": 32,
+        "max_position_embeddings": 32,
+    }
+    return MarianConfig(**(settings | overrides))
