@@ -62,6 +62,8 @@ from _common import (
     write_card,
 )
 
+from acr_optim.integrations.models import refreeze_fixed_parameters
+
 # The recipe's defaults, put before the command line so any of them can be overridden there.
 # fmt: off
 DEFAULTS = [
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.model_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
         model = AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path)
+        refreeze_fixed_parameters(model)  # e.g. Marian's sinusoidal positions come back trainable
     else:
         if args.tokenizer_name:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)

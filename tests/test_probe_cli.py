@@ -273,3 +273,18 @@ def test_table_formats_and_figures(tmp_path):
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG and (tmp_path / "c.png").read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="no rows with method='pgd'"):
         table.heatmap(tmp_path / "x.png", method="pgd")
+
+
+def test_reloaded_marian_keeps_its_sinusoidal_positions_frozen(tmp_path):
+    # transformers 5 reloads Marian's fixed position tables as trainable; ACR and the probes would corrupt them.
+    from acr_optim.integrations.models import refreeze_fixed_parameters
+
+    transformers.MarianMTModel(
+        tiny_marian_config(vocab_size=50, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    ).save_pretrained(tmp_path)
+    model = transformers.MarianMTModel.from_pretrained(tmp_path)
+    positions = ["model.decoder.embed_positions.weight", "model.encoder.embed_positions.weight"]
+    reloaded_trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(refreeze_fixed_parameters(model)) == reloaded_trainable & set(positions)
+    assert not any(p.requires_grad for name, p in model.named_parameters() if name in positions)
+    assert all(p.requires_grad for name, p in model.named_parameters() if name not in positions)

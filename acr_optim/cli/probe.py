@@ -255,6 +255,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         AutoTokenizer,
     )
 
+    from ..integrations.models import refreeze_fixed_parameters
+
     cls = {
         "causal-lm": AutoModelForCausalLM,
         "seq2seq": AutoModelForSeq2SeqLM,
@@ -262,6 +264,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     }[args.task]
     common = {"trust_remote_code": args.trust_remote_code, "revision": args.revision}
     model = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype], **common).to(args.device)
+    refreeze_fixed_parameters(model)  # e.g. Marian's sinusoidal positions come back trainable
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **common)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
