@@ -19,8 +19,10 @@ def refreeze_fixed_parameters(model: nn.Module) -> list[str]:
     try:
         with torch.device("meta"):
             fresh = type(model)(model.config)
-    except Exception as err:  # remote-code or exotic classes may not build on the meta device
-        warnings.warn(f"could not check {type(model).__name__} for fixed parameters made trainable: {err}", stacklevel=2)
+    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as err:  # meta-unfriendly classes
+        warnings.warn(
+            f"could not check {type(model).__name__} for fixed parameters made trainable: {err}", stacklevel=2
+        )
         return []
     frozen = {name for name, p in fresh.named_parameters() if not p.requires_grad}
     fixed = [name for name, p in model.named_parameters() if name in frozen and p.requires_grad]
