@@ -45,7 +45,7 @@ from _common import (
     train_byte_level_tokenizer,
     train_sentencepiece_style_tokenizer,
 )
-from de_en import TINY_MARIAN
+from de_en import TINY_MARIAN, fit_to_tokenizer
 from lm import TINY_GPT2
 
 from acr_optim import ACR
@@ -157,18 +157,7 @@ def _marian_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> M
             "dropout": 0.0,  # deterministic passes: ACR's clean and corrupted passes see the same network
         }
     )
-    # As recipes/de_en.py: the locally trained tokenizer's special tokens; decoding starts from <pad>.
-    config.update(
-        {
-            "vocab_size": len(tokenizer),
-            "decoder_vocab_size": len(tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "decoder_start_token_id": tokenizer.pad_token_id,
-            "forced_eos_token_id": tokenizer.eos_token_id,
-        }
-    )
-    return config
+    return fit_to_tokenizer(config, tokenizer)
 
 
 def _gpt2_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> GPT2Config:

@@ -41,6 +41,8 @@ from transformers import (
     DataCollatorForSeq2Seq,
     HfArgumentParser,
     MarianConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     set_seed,
@@ -98,6 +100,21 @@ TINY_MARIAN = {
 }
 
 
+def fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """``config`` with the vocabulary and special tokens of a locally trained tokenizer; decoding starts from <pad>."""
+    config.update(
+        {
+            "vocab_size": len(tokenizer),
+            "decoder_vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+            "forced_eos_token_id": tokenizer.eos_token_id,
+        }
+    )
+    return config
+
+
 @dataclass
 class TranslationArguments(RecipeArguments):
     source_lang: str = field(default="de", metadata={"help": "Source language code (file suffix, dict key)."})
@@ -138,17 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 training_args, train_sentencepiece_style_tokenizer, texts, args.tokenizer_vocab_size
             )
         config = AutoConfig.from_pretrained(args.model_config) if args.model_config else MarianConfig(**TINY_MARIAN)
-        config.update(
-            {
-                "vocab_size": len(tokenizer),
-                "decoder_vocab_size": len(tokenizer),
-                "pad_token_id": tokenizer.pad_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "decoder_start_token_id": tokenizer.pad_token_id,
-                "forced_eos_token_id": tokenizer.eos_token_id,
-            }
-        )
-        model = AutoModelForSeq2SeqLM.from_config(config)
+        model = AutoModelForSeq2SeqLM.from_config(fit_to_tokenizer(config, tokenizer))
         model.generation_config.update(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
