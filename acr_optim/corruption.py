@@ -308,6 +308,12 @@ class LpCorruption:
         """First-order loss increase ``a.h = eps * ||h||_{p*}`` (paper Eq. 11)."""
         return self.eps * self.dual_norm
 
+    def values(self, h: Sequence[Tensor]) -> list[Tensor]:
+        """The corruption of ``h`` as new tensors shaped like ``h`` (see :meth:`write_`)."""
+        out = [torch.empty_like(t) for t in h]
+        self.write_(out, h)
+        return out
+
     def write_(self, out: Sequence[Tensor], h: Sequence[Tensor]) -> None:
         """Overwrite ``out`` (same shapes as ``h``) with the corruption; ``out`` may alias nothing in ``h``."""
         out, h = list(out), list(h)
@@ -363,9 +369,7 @@ def gradient_corruption(grads: Sequence[Tensor], eps: float, p: float = 2, n: in
     if indices is None:
         plan.write_(out, h)
     else:
-        values = [torch.empty_like(v) for v in h]
-        plan.write_(values, h)
-        for o, i, v in zip(out, indices, values):
+        for o, i, v in zip(out, indices, plan.values(h)):
             o.view(-1)[i] = v
     return out
 

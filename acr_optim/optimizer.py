@@ -161,7 +161,12 @@ class ACR(Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, ACR):
             raise TypeError("base_optimizer is already an ACR optimizer")
-        defaults = {"acr_eps": check_eps(eps), "acr_p": check_p(p), "acr_alpha": check_alpha(alpha), "acr_n": check_n(n)}
+        defaults = {
+            "acr_eps": check_eps(eps),
+            "acr_p": check_p(p),
+            "acr_alpha": check_alpha(alpha),
+            "acr_n": check_n(n),
+        }
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int (1 = corrupt every step), got {interval!r}")
         self.base_optimizer = base_optimizer
@@ -182,14 +187,14 @@ class ACR(Optimizer):
         groups = self.base_optimizer.param_groups
         if not any(g is param_group for g in groups):  # a new group rather than a base group being linked
             self.base_optimizer.add_param_group(param_group)
-        for name, default in self.defaults.items():
-            param_group.setdefault(name, default)
-        self._check_group(param_group)
+        self._adopt_group(param_group)
         if self.param_groups is not groups:  # only while __init__ links the base groups
             self.param_groups.append(param_group)
 
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
+    def _adopt_group(self, group: dict[str, Any]) -> None:
+        """Give a base param group ACR's defaults for the settings it does not override, and validate them."""
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
         check_eps(group["acr_eps"], allow_zero=True, name="param group acr_eps")
         check_p(group["acr_p"], name="param group acr_p")
         check_alpha(group["acr_alpha"], name="param group acr_alpha")
@@ -214,9 +219,7 @@ class ACR(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
-            for name, default in self.defaults.items():
-                group.setdefault(name, default)
-            self._check_group(group)
+            self._adopt_group(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients, except while perturbed: then ``.grad`` holds the clean gradient ACR mixes in."""
@@ -308,9 +311,7 @@ class ACR(Optimizer):
             ):
                 self._perturb_dense(pending, owners, params, indices, h, plan)
             else:
-                values = [torch.empty_like(v) for v in h]
-                plan.write_(values, h)
-                for p, i, v in zip(params, indices, values):
+                for p, i, v in zip(params, indices, plan.values(h)):
                     if i.numel() == 0:
                         continue
                     old = p.reshape(-1)[i]
@@ -340,9 +341,7 @@ class ACR(Optimizer):
             plan.write_(params, h)  # params now hold a; the backup holds w
             torch._foreach_add_(params, backups)
         else:
-            values = [torch.empty_like(v) for v in h]
-            plan.write_(values, h)
-            for p, i, v in zip(params, indices, values):
+            for p, i, v in zip(params, indices, plan.values(h)):
                 _put_(p, i, v, accumulate=True)
         pending.dense_params += params
         pending.dense_backups += backups
@@ -419,9 +418,10 @@ class ACR(Optimizer):
 
         With a closure: clean pass (closure call 1), :meth:`perturb`, corrupted pass (closure
         call 2, skipped when :meth:`perturb` returns False, e.g. on the non-corrupting steps of
-        ``interval > 1``), :meth:`restore`, base step; returns the clean loss.  Without one: :meth:`restore` if still perturbed, then the base step; it
-        requires :meth:`perturb` to have run since the last step unless no group needs a
-        corruption (all ``alpha`` or all ``eps`` zero).
+        ``interval > 1``), :meth:`restore`, base step; returns the clean loss.  Without one:
+        :meth:`restore` if still perturbed, then the base step; it requires :meth:`perturb` to
+        have run since the last step unless no group needs a corruption (all ``alpha`` or all
+        ``eps`` zero, or a non-corrupting step of ``interval > 1``).
         """
         if closure is None:
             self.restore()
