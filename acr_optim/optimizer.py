@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,6 +83,13 @@ def _combined_norm(parts: list[tuple[float, float]]) -> float:
     return max(eps for eps, _ in parts) if math.isinf(p) else sum(eps**p for eps, _ in parts) ** (1 / p)
 
 
+def _is_finite(loss: Any) -> bool:
+    """False for a loss that is a non-finite number or tensor (``None`` and other returns count as finite)."""
+    if isinstance(loss, Tensor):
+        return bool(torch.isfinite(loss).all())
+    return not isinstance(loss, float) or math.isfinite(loss)
+
+
 @dataclass
 class _Pending:
     """What :meth:`ACR.restore` must undo; never part of ``state_dict``."""
@@ -114,7 +122,8 @@ class ACR(Optimizer):
     weight-decay/no-decay split leaves the constraint on the whole model); a group that
     overrides any of them gets a constraint of its own.  ``acr_eps = 0`` keeps a group
     uncorrupted (it still receives the mixed gradient; ``acr_alpha`` is per group).
-    Parameters without a gradient are skipped.  After :meth:`perturb`,
+    Parameters without a gradient are skipped.  ``ACR(eps=0)`` corrupts nothing and is the base
+    optimizer bit for bit, like ``alpha = 0``.  After :meth:`perturb`,
     ``last_first_order_gain`` holds the predicted loss increase ``a.g`` and
     ``last_corruption_norm`` the norm ``||a||_p`` applied.
 
@@ -162,7 +171,7 @@ class ACR(Optimizer):
         if isinstance(base_optimizer, ACR):
             raise TypeError("base_optimizer is already an ACR optimizer")
         defaults = {
-            "acr_eps": check_eps(eps),
+            "acr_eps": check_eps(eps, allow_zero=True),
             "acr_p": check_p(p),
             "acr_alpha": check_alpha(alpha),
             "acr_n": check_n(n),
@@ -174,7 +183,9 @@ class ACR(Optimizer):
         self._steps = 0  # optimizer steps taken, to place the corrupting ones of interval > 1
         self._pending: _Pending | None = None
         self._corrupted_this_step = False
+        self._nonfinite = False  # perturb() met a non-finite clean gradient this step
         self._backups: dict[Tensor, Tensor] = {}
+        self.skipped_steps = 0
         self.last_first_order_gain: float | None = None
         self.last_corruption_norm: float | None = None
         super().__init__(base_optimizer.param_groups, defaults)
@@ -269,6 +280,7 @@ class ACR(Optimizer):
         if self._pending is not None:
             raise RuntimeError("perturb() called again before restore(): the weights are already perturbed")
         self._corrupted_this_step = True
+        self._nonfinite = False
         self.last_first_order_gain = self.last_corruption_norm = None
         if not self.corrupts_this_step:
             return False
@@ -297,6 +309,7 @@ class ACR(Optimizer):
             try:
                 plan = LpCorruption.plan(h, eps, p_norm, shard_group, params[0].device)
             except NonFiniteGradientError:
+                self._nonfinite = True
                 return False
             if plan is not None:
                 plans.append((owners, params, indices, h, plan))
@@ -422,6 +435,12 @@ class ACR(Optimizer):
         :meth:`restore` if still perturbed, then the base step; it requires :meth:`perturb` to
         have run since the last step unless no group needs a corruption (all ``alpha`` or all
         ``eps`` zero, or a non-corrupting step of ``interval > 1``).
+
+        A step whose clean or corrupted loss (closure) or clean gradient (as seen by
+        :meth:`perturb`) is not finite is skipped, as ``GradScaler`` skips it under AMP: the base
+        optimizer is not called, weights and optimizer state stay as they are, a ``RuntimeWarning``
+        names the step and ``skipped_steps`` counts it.  (Under a ``GradScaler`` the scaler skips such
+        steps before they reach ``step()``.)
         """
         if closure is None:
             self.restore()
@@ -431,18 +450,31 @@ class ACR(Optimizer):
                     "backward, or call perturb(), run the corrupted backward and restore() before step()"
                 )
             loss = None
+            finite = not self._nonfinite
         else:
             if self._pending is not None:
                 raise RuntimeError("step(closure) while perturbed: call restore() first")
             with torch.enable_grad():
                 loss = closure()
-            if self.perturb():
+            finite = _is_finite(loss)
+            if finite and self.perturb():
                 try:
                     with torch.enable_grad():
-                        closure()
+                        finite = _is_finite(closure())
                 finally:
                     self.restore()
-        self._corrupted_this_step = False
+            finite &= not self._nonfinite
+        self._corrupted_this_step = self._nonfinite = False
+        if not finite:
+            self.skipped_steps += 1
+            warnings.warn(
+                f"ACR skipped optimizer step {self._steps + self.skipped_steps}: the loss or the clean gradient is "
+                f"not finite (weights and optimizer state untouched; {self.skipped_steps} skipped so far, "
+                "see ACR.skipped_steps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
         self._steps += 1
         self.base_optimizer.step()
         return loss

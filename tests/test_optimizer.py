@@ -417,7 +417,6 @@ def test_penalized_loss_is_the_first_order_objective():
 @pytest.mark.parametrize(
     "kwargs, exc, name",
     [
-        ({"eps": 0.0}, ValueError, "eps"),
         ({"eps": -0.1}, ValueError, "eps"),
         ({"eps": math.inf}, ValueError, "eps"),
         ({"eps": math.nan}, ValueError, "eps"),
@@ -435,6 +434,59 @@ def test_invalid_arguments_raise(kwargs, exc, name):
     model = make_model()
     with pytest.raises(exc, match=rf"\b{name}\b"):
         ACR(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_eps_zero_is_the_base_optimizer_bit_for_bit_with_one_pass():
+    ref, model = make_model(), make_model()
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = ACR(torch.optim.AdamW(model.parameters(), lr=1e-2), eps=0, alpha=0.5)
+    calls = []
+    data = batches(4)
+    run(ref, plain, data)
+    run(model, opt, data, calls)
+    assert len(calls) == 4
+    assert_params_equal(ref, model)
+
+
+@pytest.mark.parametrize("where", ["clean loss", "corrupted loss", "clean gradient (two-phase)"])
+def test_non_finite_step_is_skipped_with_a_warning_and_a_counter(where):
+    model = make_model()
+    opt = ACR(torch.optim.AdamW(model.parameters(), lr=1e-2), eps=0.1, alpha=0.5)
+    run(model, opt, batches(2))  # optimizer state exists
+    before, state = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
+    x, y = batches(1, seed=5)[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        scale = math.inf if (where == "clean loss" or len(calls) == 2) else 1.0
+        loss = loss_of(model, x, y) * scale
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    with pytest.warns(RuntimeWarning, match=r"skipped optimizer step 3\b.*1 skipped so far"):
+        if where == "clean gradient (two-phase)":
+            closure()
+            calls.clear()
+            model[0].weight.grad[0, 0] = math.nan
+            with opt.perturbed() as active:
+                assert not active
+            assert opt.step() is None
+        else:
+            loss = opt.step(closure)  # the clean loss, as always
+            assert math.isinf(loss.item()) == (where == "clean loss")
+    assert len(calls) == {"clean loss": 1, "corrupted loss": 2, "clean gradient (two-phase)": 0}[where]
+    assert opt.skipped_steps == 1
+    assert_params_equal(before, model)
+    after = opt.state_dict()
+    assert after["acr"] == state["acr"]
+    for key, value in state["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(after["state"][key][name], tensor)
+    run(model, opt, batches(1))  # training goes on: the next finite step is taken
+    assert opt.skipped_steps == 1 and opt.state_dict()["acr"]["steps"] == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_invalid_base_and_group_overrides_raise():
