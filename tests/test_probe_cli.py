@@ -288,3 +288,108 @@ def test_reloaded_marian_keeps_its_sinusoidal_positions_frozen(tmp_path):
     assert set(refreeze_fixed_parameters(model)) == reloaded_trainable & set(positions)
     assert not any(p.requires_grad for name, p in model.named_parameters() if name in positions)
     assert all(p.requires_grad for name, p in model.named_parameters() if name not in positions)
+
+
+# -- what a new user runs into --------------------------------------------------------------------
+
+
+def _cli(*args, env=None, cwd=None):
+    """Run ``acr-probe`` in a subprocess, as a user does; returns (exit code, stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "acr_optim.cli.probe", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=300,
+        cwd=cwd,
+    )
+    messages = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]  # no bars
+    return result.returncode, result.stdout, "\n".join(messages)
+
+
+@pytest.fixture(scope="module")
+def marian_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("marian")
+    tok = _tokenizer(path)
+    torch.manual_seed(0)
+    config = tiny_marian_config(vocab_size=len(tok), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    transformers.MarianMTModel(config).save_pretrained(path)
+    return path
+
+
+def _write_gz(path, lines):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def test_task_comes_from_the_config_and_a_contradicting_task_is_refused(marian_dir, tmp_path):
+    _write_gz(tmp_path / "val.de.gz", _sentences(6, 4))
+    _write_gz(tmp_path / "val.en.gz", _sentences(6, 5))
+    code, out, err = _cli(
+        "--model", marian_dir, "--task", "causal-lm", "--data", tmp_path / "val.de.gz", "--output-dir", tmp_path / "o"
+    )
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"acr-probe: error: --task causal-lm contradicts --model {marian_dir}, a seq2seq model (MarianMTModel)"
+    ]
+    assert not (tmp_path / "o").exists()
+    # no --task: seq2seq from the config; the line-aligned .de.gz finds its .en.gz partner
+    argv = ["--model", str(marian_dir), "--data", str(tmp_path / "val.de.gz"), "--eps", "0.1", "--no-progress"]
+    assert main([*argv, "--methods", "gradient", "--output-dir", str(tmp_path / "s2s")]) == 0
+    report = ProbeTable.from_json(tmp_path / "s2s" / "report.json")
+    assert report.config["task"] == "seq2seq" and report.config["num_examples"] == 6
+    assert report.config["files"] == [str(tmp_path / "val.de.gz"), str(tmp_path / "val.en.gz")]
+    assert "split" not in report.config
+    # by prefix, with the languages named: the same pairs, so the same numbers
+    prefix = ["--data", str(tmp_path / "val"), "--source-lang", "de", "--target-lang", "en"]
+    assert main([*argv[:2], *prefix, *argv[4:], "--methods", "gradient", "--output-dir", str(tmp_path / "p")]) == 0
+    assert ProbeTable.from_json(tmp_path / "p" / "report.json").rows == report.rows
+
+
+def test_a_load_that_leaves_weights_newly_initialised_is_refused(tmp_path):
+    tok = _tokenizer(tmp_path / "bert")
+    config = transformers.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")  # no classification head
+    (tmp_path / "x.txt").write_text("\n".join(_sentences(4, 0)) + "\n")
+    common = ["--data", str(tmp_path / "x.txt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]
+    code, _, err = _cli("--model", tmp_path / "bert", *common)
+    assert code == 2 and err.strip().splitlines() == [
+        f"acr-probe: error: --model {tmp_path / 'bert'}: cannot tell its task from the config (BertModel); pass --task"
+    ]
+    code, _, err = _cli("--model", tmp_path / "bert", "--task", "classification", *common)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "leaves 2 weight(s) newly initialised (classifier.bias, classifier.weight)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_mistyped_paths_fail_at_once_with_one_line(marian_dir, tmp_path):
+    (tmp_path / "outputs").mkdir()
+    data = tmp_path / "x.txt"
+    data.write_text("a b\n")
+    cases = [
+        (["--model", tmp_path / "outputs" / "de_en", "--data", data], "--model {}: no such file or folder"),
+        (["--model", "outputs/de_en", "--data", data], "--model outputs/de_en: no such file or folder"),
+        (["--model", marian_dir, "--data", tmp_path / "missing.de.gz"], "--data {}: no such file or folder"),
+        (["--model", marian_dir, "--data", "../nowhere/val"], "--data ../nowhere/val: no such file or folder"),
+    ]
+    for args, message in cases:
+        code, _, err = _cli(*args, "--output-dir", tmp_path / "o", cwd=tmp_path)  # outputs/ exists there
+        path = next((a for a in args if isinstance(a, type(tmp_path)) and not a.exists()), None)
+        assert code == 2, err
+        assert err.strip().splitlines() == [f"acr-probe: error: {message.format(path)}"]
+    # a hub id while offline (HF_HUB_OFFLINE=1 is honoured): one line, no traceback
+    code, _, err = _cli("--model", "nobody/no-such-model", "--data", data, "--output-dir", tmp_path / "o")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("acr-probe: error: --model nobody/no-such-model: ")

@@ -10,17 +10,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-TASKS = ("causal-lm", "seq2seq", "classification")
+from ..data import builder_for, infer_languages, load_data, load_files, load_parallel, parallel_files
+from ..errors import UsageError
+from ..integrations.models import TASKS
+
 METRICS = ("auto", "perplexity", "accuracy", "token-accuracy", "bleu", "none")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
-_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not the uninformative ones (required options, ``None``, off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _n_value(text: str) -> int | None:
@@ -45,12 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Probe the vulnerability of a model's parameters to corruption (Sun et al., AAAI 2021): "
         "measure the loss increase L(w+a)-L(w) for gradient-based (worst-case, first order), random or PGD "
         "corruptions a with ||a||_p = eps and at most n non-zero entries, one parameter group at a time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
     model.add_argument("--tokenizer", help="tokenizer folder or hub id (default: --model)")
-    model.add_argument("--task", required=True, choices=TASKS, help="model head / loss to load and evaluate")
+    model.add_argument(
+        "--task",
+        choices=TASKS,
+        help="model head / loss to load and evaluate (default: the one the model was saved with; a task that "
+        "contradicts the model's config is refused)",
+    )
     model.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -70,14 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         nargs="+",
-        help="a `datasets` hub name, local .txt/.json/.jsonl/.csv files (optionally .gz), "
-        "or a folder written by Dataset.save_to_disk (tokenised data is used as is)",
+        help="local files (.json/.jsonl/.csv, or text with one example a line: .txt, X.de, ...; .gz/.bz2/.xz "
+        "compressed or not), a folder written by Dataset.save_to_disk (tokenised data is used as is), or a hub "
+        "dataset name. seq2seq: a line-aligned pair by its source file (X.de[.gz], the target X.en[.gz] next to "
+        "it) or by prefix with --source-lang/--target-lang, or JSON/hub rows with a 'translation' column",
     )
     data.add_argument("--data-config", help="dataset configuration name (hub datasets)")
-    data.add_argument("--split", default="test", help="split of a hub dataset or a saved DatasetDict")
     data.add_argument(
-        "--target-data", nargs="+", help="seq2seq from parallel text files: target-side files, line-aligned with --data"
+        "--split", help="split of a hub dataset or a saved DatasetDict (default: test); not used for local files"
     )
+    data.add_argument(
+        "--target-data", nargs="+", help="seq2seq: target-side text files, line-aligned with the --data files"
+    )
+    data.add_argument("--source-lang", help="seq2seq: source language code (file suffix, 'translation' key)")
+    data.add_argument("--target-lang", help="seq2seq: target language code (file suffix, 'translation' key)")
     data.add_argument("--text-column", default="text", help="input text column (seq2seq source, classification text)")
     data.add_argument("--text-pair-column", help="second text column for sentence-pair classification")
     data.add_argument("--target-column", default="target", help="seq2seq target text column")
@@ -142,39 +164,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_rows(args: argparse.Namespace) -> Any:
+def _load_rows(args: argparse.Namespace, task: str) -> tuple[Any, dict[str, Any]]:
+    """The rows to probe on and where they came from (recorded in the report)."""
     import datasets
 
-    first = Path(args.data[0])
-    if first.is_dir():
-        loaded = datasets.load_from_disk(str(first))
-        return loaded[args.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if first.is_file():
-        rows = _load_files(args.data)
-        if args.target_data:
-            targets = _load_files(args.target_data)
-            if len(targets) != len(rows):
-                raise SystemExit(f"--target-data has {len(targets)} lines, --data {len(rows)}: they must be aligned")
-            return datasets.Dataset.from_dict(
-                {args.text_column: list(rows["text"]), args.target_column: list(targets["text"])}
+    first = args.data[0]
+    pair = task == "seq2seq" and not args.target_data and len(args.data) == 1 and builder_for(first) == "text"
+    if pair and not Path(first).is_dir():
+        if args.source_lang is None or args.target_lang is None:
+            source_lang, target_lang = infer_languages(first)
+            args.source_lang, args.target_lang = args.source_lang or source_lang, args.target_lang or target_lang
+        source, target = parallel_files(first, args.source_lang, args.target_lang)
+        return load_parallel(first, args.source_lang, args.target_lang), {"files": [str(source), str(target)]}
+    rows, source = load_data(args.data, split=args.split, config=args.data_config)
+    if args.target_data:
+        targets = load_files(args.target_data, "--target-data")
+        if len(targets) != len(rows):
+            raise UsageError(f"--target-data has {len(targets)} lines, --data {len(rows)}: they must be line-aligned")
+        rows = datasets.Dataset.from_dict(
+            {args.text_column: list(rows["text"]), args.target_column: list(targets["text"])}
+        )
+        source["target_files"] = list(args.target_data)
+    return rows, source
+
+
+def _seq2seq_texts(rows: Any, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Source and target texts from a ``translation`` column (hub layout) or from the text/target columns."""
+    if "translation" in rows.column_names:
+        pairs = rows["translation"]
+        languages = sorted(pairs[0]) if len(pairs) else []
+        if args.source_lang is None or args.target_lang is None:
+            raise UsageError(
+                f"--data has a 'translation' column with {languages}: pass --source-lang and --target-lang"
             )
-        return rows
-    return datasets.load_dataset(args.data[0], args.data_config, split=args.split)
-
-
-def _load_files(files: Sequence[str]) -> Any:
-    import datasets
-
-    suffixes = set()
-    for f in files:
-        path = Path(f)
-        suffix = path.suffixes[-2] if path.suffix in _COMPRESSION and len(path.suffixes) > 1 else path.suffix
-        if suffix not in _BUILDERS:
-            raise SystemExit(f"--data file {f!r}: expected one of {sorted(_BUILDERS)} (optionally compressed)")
-        suffixes.add(_BUILDERS[suffix])
-    if len(suffixes) != 1:
-        raise SystemExit("--data files must all be of one kind (text, json or csv)")
-    return datasets.load_dataset(suffixes.pop(), data_files=list(files), split="train")
+        missing = [lang for lang in (args.source_lang, args.target_lang) if lang not in languages]
+        if missing:
+            raise UsageError(f"--data 'translation' has no language {missing[0]!r}; it has {languages}")
+        return [p[args.source_lang] for p in pairs], [p[args.target_lang] for p in pairs]
+    for column in (args.text_column, args.target_column):
+        if column not in rows.column_names:
+            raise UsageError(f"--data has no column {column!r} (columns: {rows.column_names})")
+    return list(rows[args.text_column]), list(rows[args.target_column])
 
 
 def _causal_blocks(rows: Any, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, list[int]]]:
@@ -189,8 +219,8 @@ def _causal_blocks(rows: Any, tokenizer: Any, args: argparse.Namespace) -> list[
     return [{"input_ids": b} for b in blocks[: args.max_samples]]
 
 
-def _examples(rows: Any, tokenizer: Any, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = rows.select(range(min(len(rows), args.max_samples))) if args.task != "causal-lm" else rows
+def _examples(rows: Any, tokenizer: Any, model: Any, task: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = rows.select(range(min(len(rows), args.max_samples))) if task != "causal-lm" else rows
     if "input_ids" in rows.column_names:  # tokenised (save_to_disk): used as is, truncated
         keep = [
             c for c in rows.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "labels", "label")
@@ -201,15 +231,13 @@ def _examples(rows: Any, tokenizer: Any, model: Any, args: argparse.Namespace) -
                 if k in ex:
                     ex[k] = ex[k][: args.max_length]
         return out
-    if args.task == "causal-lm":
+    if task == "causal-lm":
+        if args.text_column not in rows.column_names:
+            raise UsageError(f"--data has no column {args.text_column!r} (columns: {rows.column_names})")
         return _causal_blocks(rows, tokenizer, args)
-    if args.task == "seq2seq":
-        enc = tokenizer(
-            list(rows[args.text_column]),
-            text_target=list(rows[args.target_column]),
-            max_length=args.max_length,
-            truncation=True,
-        )
+    if task == "seq2seq":
+        sources, targets = _seq2seq_texts(rows, args)
+        enc = tokenizer(sources, text_target=targets, max_length=args.max_length, truncation=True)
         return [{k: enc[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(rows))]
     texts = [list(rows[args.text_column])] + ([list(rows[args.text_pair_column])] if args.text_pair_column else [])
     enc = tokenizer(*texts, max_length=args.max_length, truncation=True)
@@ -247,38 +275,26 @@ def _metric_fn(name: str, task: str, tokenizer: Any, max_length: int) -> Any:
     }[name]
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from ..integrations.models import load_model, load_tokenizer
 
-    from ..integrations.models import refreeze_fixed_parameters
-
-    cls = {
-        "causal-lm": AutoModelForCausalLM,
-        "seq2seq": AutoModelForSeq2SeqLM,
-        "classification": AutoModelForSequenceClassification,
-    }[args.task]
     common = {"trust_remote_code": args.trust_remote_code, "revision": args.revision}
-    model = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype], **common).to(args.device)
-    refreeze_fixed_parameters(model)  # e.g. Marian's sinusoidal positions come back trainable
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **common)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    model, task = load_model(args.model, args.task, dtype=DTYPES[args.dtype], **common)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model", **common)
+    return model.to(args.device), tokenizer, task
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("max_samples", "max_length", "batch_size", "trials"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.target_data and args.task != "seq2seq":
-        parser.error("--target-data only applies to --task seq2seq")
-    if args.metric == "bleu" and args.task != "seq2seq":
-        parser.error("--metric bleu needs --task seq2seq")
+
+
+def _check_task(args: argparse.Namespace, task: str) -> None:
+    if args.target_data and task != "seq2seq":
+        raise UsageError(f"--target-data only applies to seq2seq models; --model {args.model} is {task}")
+    if args.metric == "bleu" and task != "seq2seq":
+        raise UsageError(f"--metric bleu needs a seq2seq model; --model {args.model} is {task}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,18 +302,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    try:
+        return _run(args)
+    except UsageError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     import acr_optim
+    from acr_optim.data import check_local_path
     from acr_optim.probe import probe
 
-    model, tokenizer = _load_model(args)
-    rows = _load_rows(args)
-    examples = _examples(rows, tokenizer, model, args)
+    for spec in args.data:  # fail on a mistyped path before the model loads
+        check_local_path(spec, "--data", prefix=True)
+    for spec in args.target_data or []:
+        check_local_path(spec, "--target-data")
+    model, tokenizer, task = _load_model(args)
+    _check_task(args, task)
+    rows, source = _load_rows(args, task)
+    examples = _examples(rows, tokenizer, model, task, args)
     if not examples:
-        raise SystemExit("the data yields no examples (too short for --max-length?)")
-    collate = _collator(tokenizer, model, args.task)
+        raise UsageError(f"--data yields no examples (the text is shorter than --max-length {args.max_length} tokens?)")
+    collate = _collator(tokenizer, model, task)
     device = torch.device(args.device)
     batches = [
         {k: v.to(device) for k, v in collate(examples[i : i + args.batch_size]).items()}
@@ -319,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         method=args.methods,
         by=args.group_regex or args.by,
         include_all=not args.no_all,
-        metric_fn=_metric_fn(args.metric, args.task, tokenizer, args.max_length),
+        metric_fn=_metric_fn(args.metric, task, tokenizer, args.max_length),
         trials=args.trials,
         seed=args.seed,
         steps=args.steps,
@@ -329,9 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_name=args.model,
     )
     table.config.update(
-        task=args.task,
-        data=" ".join(args.data),
-        split=args.split,
+        task=task,
+        **source,
         num_examples=len(examples),
         num_tokens=sum(len(ex["input_ids"]) for ex in examples),
         max_length=args.max_length,
@@ -339,8 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=str(device),
         acr_optim=acr_optim.__version__,
     )
-    if args.target_data:
-        table.config["target_data"] = " ".join(args.target_data)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "probe.csv")
