@@ -82,9 +82,16 @@ def load_files(files: Sequence[str | Path], name: str = "--data") -> Any:
     kinds = {builder_for(f) for f in files}
     if len(kinds) != 1:
         raise UsageError(f"{name}: the files must be of one kind (text, json or csv), got {sorted(kinds)}")
-    rows = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    shown = ", ".join(map(str, files))
+    try:
+        rows = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, datasets.arrow_writer.SchemaInferenceError):  # not a single row to infer columns from
+            raise UsageError(f"{name} {shown}: the file is empty") from None
+        raise UsageError(f"{name} {shown}: cannot be read ({type(cause).__name__}: {cause})") from None
     if len(rows) == 0:
-        raise UsageError(f"{name} {', '.join(map(str, files))}: the file is empty")
+        raise UsageError(f"{name} {shown}: the file is empty")
     return rows
 
 
@@ -92,12 +99,12 @@ def _existing(candidates: Sequence[Path]) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def parallel_files(spec: str, source_lang: str, target_lang: str) -> tuple[Path, Path]:
+def parallel_files(spec: str, source_lang: str, target_lang: str, name: str = "--data") -> tuple[Path, Path]:
     """The ``(source, target)`` files of a line-aligned pair named by ``spec``.
 
     ``spec`` is a prefix (``data/train`` for ``data/train.de`` + ``data/train.en``, each optionally
     ``.gz``) or the source file itself (``data/train.de.gz``: the target is ``data/train.en.gz``).
-    Raises :class:`UsageError` when a file of the pair is missing.
+    Raises :class:`UsageError` naming ``name`` when a file of the pair is missing.
     """
     path = Path(os.path.expanduser(spec))
     for suffix in ("", ".gz"):
@@ -106,13 +113,13 @@ def parallel_files(spec: str, source_lang: str, target_lang: str) -> tuple[Path,
             stem = path.name[: -len(ending)]
             target = _existing([path.with_name(f"{stem}.{target_lang}{s}") for s in (suffix, ".gz", "")])
             if target is None:
-                raise UsageError(f"{spec}: no target file {stem}.{target_lang}[.gz] next to it")
+                raise UsageError(f"{name} {spec}: no target file {stem}.{target_lang}[.gz] next to it")
             return path, target
     source = _existing([Path(f"{path}.{source_lang}{s}") for s in ("", ".gz")])
     target = _existing([Path(f"{path}.{target_lang}{s}") for s in ("", ".gz")])
     if source is None or target is None:
         raise UsageError(
-            f"{spec}: no such file; expected {spec}.{source_lang}[.gz] and {spec}.{target_lang}[.gz], "
+            f"{name} {spec}: no such file; expected {spec}.{source_lang}[.gz] and {spec}.{target_lang}[.gz], "
             f"a source file ending in .{source_lang}[.gz], or a .json/.jsonl file"
         )
     return source, target
@@ -158,7 +165,7 @@ def load_parallel(spec: str, source_lang: str, target_lang: str, name: str = "--
 
     if builder_for(spec) == "json":
         return load_files([spec], name)
-    source, target = parallel_files(spec, source_lang, target_lang)
+    source, target = parallel_files(spec, source_lang, target_lang, name)
     src, tgt = load_files([source], name)["text"], load_files([target], name)["text"]
     if len(src) != len(tgt):
         raise UsageError(

@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .corruption import check_eps, check_n, check_p
 
-__all__ = ["DEFAULT_TEMPLATE", "write_model_card"]
+__all__ = ["DEFAULT_TEMPLATE", "significant", "write_model_card"]
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "hub_cards" / "acr_model_card.md"
 """The card template shipped with the package (``hub_cards/`` at the top of the repository links to it)."""
@@ -27,6 +27,11 @@ _DEFAULT_INTENDED_USE = (
 )
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits (``21.4873...`` -> ``21.49``), for metadata people read."""
+    return float(f"{value:.{digits}g}")
+
+
 def write_model_card(
     output_dir: str | Path,
     *,
@@ -34,7 +39,7 @@ def write_model_card(
     task_type: str,
     metric_type: str,
     metric_name: str,
-    results: Sequence[tuple[float, float]],
+    results: Sequence[tuple[float, float, float]],
     dataset_name: str,
     dataset_type: str,
     dataset_split: str = "validation",
@@ -49,15 +54,19 @@ def write_model_card(
     description: str = "",
     intended_use: str = _DEFAULT_INTENDED_USE,
     training: Mapping[str, Any] | None = None,
+    test_result: float | None = None,
+    usage: str | None = None,
     template_path: str | Path = DEFAULT_TEMPLATE,
 ) -> Path:
     """Write ``output_dir/README.md`` and return its path.
 
     Args:
-        results: ``[(eps, value)]``: the metric of the clean model (``eps = 0``, required, first)
-            and under the gradient-based corruption of norm ``eps`` (``p = corruption_p``, at most
-            ``corruption_n`` parameters); each becomes a ``model-index`` entry, the corrupted ones
-            with ``metric_config = "gradient-corruption p=<p> n=<n> eps=<eps>"``.
+        results: ``[(eps, value, loss_increase)]``: the metric of the clean model (``eps = 0``,
+            required, first) and under the gradient-based corruption of norm ``eps``
+            (``p = corruption_p``, at most ``corruption_n`` parameters), with the measured loss
+            increase ``L(w + a) - L(w)``; each becomes a ``model-index`` entry, the corrupted ones
+            with ``metric_config = "gradient-corruption p=<p> n=<n> eps=<eps>"``.  Values are
+            written with 4 significant digits.
         task_type, metric_type: hub identifiers (``"translation"``, ``"bleu"``); ``metric_name``
             is the human-readable name (``"BLEU"``).
         dataset_name, dataset_type, dataset_split, dataset_config: the evaluation data
@@ -65,32 +74,36 @@ def write_model_card(
             training data for the ``datasets`` metadata (empty for local files).
         acr: ``{"eps", "p", "alpha", "n"}`` of ACR training, ``None`` for a baseline.
         training: other hyperparameters listed in the card (name -> value).
+        test_result: the clean metric on the test split, a ``model-index`` entry of its own.
+        usage: Python code that loads and runs the model, shown under "How to use".
     """
     if not results or results[0][0] != 0:
         raise ValueError("results must start with the clean result (eps = 0)")
-    for eps, _ in results[1:]:
+    for eps, *_ in results[1:]:
         check_eps(eps, name="results eps")
     corruption_p, corruption_n = check_p(corruption_p, name="corruption_p"), check_n(corruption_n, name="corruption_n")
     template_path = Path(template_path)
     if not template_path.is_file():
         raise FileNotFoundError(f"model card template not found: {template_path} (pass template_path=...)")
 
-    def result(value: float, name: str, config: str | None) -> EvalResult:
+    def result(value: float, name: str, config: str | None, split: str = dataset_split) -> EvalResult:
         return EvalResult(
             task_type=task_type,
             dataset_type=dataset_type,
             dataset_name=dataset_name,
             dataset_config=dataset_config,
-            dataset_split=dataset_split,
+            dataset_split=split,
             metric_type=metric_type,
             metric_name=name,
-            metric_value=float(value),
+            metric_value=significant(value),
             metric_config=config,
         )
 
     n_label = "all" if corruption_n is None else corruption_n
     eval_results = [result(results[0][1], metric_name, None)]
-    for eps, value in results[1:]:
+    if test_result is not None:
+        eval_results.append(result(test_result, f"{metric_name} (test)", None, split="test"))
+    for eps, value, _ in results[1:]:
         eval_results.append(
             result(
                 value,
@@ -120,8 +133,10 @@ def write_model_card(
         dataset_split=dataset_split,
         corruption_p=f"{corruption_p:g}",
         corruption_n=corruption_n,
-        results=[(eps, value) for eps, value in results],
-        training=dict(training) if training else None,
+        results=list(results),
+        test_result=test_result,
+        training={k: significant(v) if isinstance(v, float) else v for k, v in (training or {}).items()},
+        usage=usage,
         intended_use=intended_use,
     )
     path = Path(output_dir) / "README.md"

@@ -39,17 +39,13 @@ from transformers import (
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "recipes"))
-from _common import (
-    load_parallel_file,
-    read_lines,
-    train_byte_level_tokenizer,
-    train_sentencepiece_style_tokenizer,
-)
+from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
 from de_en import TINY_MARIAN, fit_to_tokenizer
 from lm import TINY_GPT2
 
 from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n
+from acr_optim.data import load_parallel
 from acr_optim.optimizer import check_alpha
 from acr_optim.probe.metrics import bleu, perplexity
 
@@ -198,8 +194,8 @@ def build_task(name: str, args: argparse.Namespace) -> Task:
     cache = args.cache / f"tokenizer-{name}-{_key(cfg)}"
     if name == "de_en":
         folder = args.data / "multi30k"
-        pairs = load_parallel_file(str(folder / "train"), "de", "en")["translation"][: args.max_train]
-        val = load_parallel_file(str(folder / "val"), "de", "en")["translation"][: args.eval_size]
+        pairs = list(load_parallel(str(folder / "train"), "de", "en")["translation"])[: args.max_train]
+        val = list(load_parallel(str(folder / "val"), "de", "en")["translation"])[: args.eval_size]
         texts = [t for pair in pairs for t in (pair["de"], pair["en"])]
         tokenizer = _cached_tokenizer(cache, train_sentencepiece_style_tokenizer, texts, args.vocab)
 
@@ -218,8 +214,8 @@ def build_task(name: str, args: argparse.Namespace) -> Task:
         eval_batch = 50
     else:
         folder = args.data / "wikitext-2"
-        lines = [line for line in read_lines(folder / "valid.txt.gz") if line.strip()][: args.max_train]
-        test = [line for line in read_lines(folder / "test.txt.gz") if line.strip()]
+        lines = list(load_text_file(str(folder / "valid.txt.gz"), "--data")["text"])[: args.max_train]
+        test = list(load_text_file(str(folder / "test.txt.gz"), "--data")["text"])
         tokenizer = _cached_tokenizer(cache, train_byte_level_tokenizer, lines, args.vocab)
 
         def encode(texts: list[str], limit: int | None = None) -> list[dict[str, list[int]]]:

@@ -6,7 +6,8 @@ Kept next to the recipes (``accelerate launch recipes/de_en.py`` puts this folde
 
 from __future__ import annotations
 
-import gzip
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,16 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
 from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n, check_p
+from acr_optim.data import check_local_path, load_files
+from acr_optim.errors import UsageError
 from acr_optim.hub import write_model_card
 from acr_optim.integrations.hf import ACRCallback
 from acr_optim.optimizer import check_alpha
-from acr_optim.probe import corrupted, estimate_indicator
+from acr_optim.probe import corrupted, probe
 
 RECIPES = Path(__file__).resolve().parent
 EMBEDDED_DATA = RECIPES / "data" / "de_en_small"
@@ -61,6 +64,9 @@ class RecipeArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N test examples."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percentage of the training rows held out when there is no validation set."}
+    )
     acr_eps: float = field(default=0.05, metadata={"help": "ACR corruption norm eps (> 0)."})
     acr_p: float = field(default=2.0, metadata={"help": "ACR corruption L_p norm, 1 <= p <= inf."})
     acr_alpha: float = field(default=0.5, metadata={"help": "ACR weight of the corrupted loss, 0 <= alpha <= 1."})
@@ -86,6 +92,20 @@ class RecipeArguments:
             raise ValueError(f"--tokenizer_vocab_size must be >= 100, got {self.tokenizer_vocab_size}")
         if self.dataset_name and (self.train_file or self.validation_file or self.test_file):
             raise ValueError("give either --dataset_name or --train_file/--validation_file/--test_file, not both")
+        if not 1 <= self.validation_split_percentage <= 50:
+            raise ValueError(
+                f"--validation_split_percentage must be in [1, 50], got {self.validation_split_percentage}"
+            )
+        for flag in (
+            "train_file",
+            "validation_file",
+            "test_file",
+            "model_name_or_path",
+            "model_config",
+            "tokenizer_name",
+        ):
+            if getattr(self, flag):
+                check_local_path(getattr(self, flag), f"--{flag}", prefix=flag.endswith("_file"))
 
     @property
     def training_kind(self) -> str:
@@ -104,79 +124,66 @@ class RecipeArguments:
 
 
 # -- data ----------------------------------------------------------------------------------------
+# Files are read by acr_optim.data: the `datasets` builders, plus load_parallel pairing X.de with X.en.
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file, gzip-compressed or not (detected from the content), without newlines."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"
-    opener = gzip.open if compressed else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        return [line.rstrip("\r\n") for line in f]
+def load_text_file(spec: str, name: str) -> Dataset:
+    """A ``text`` dataset, one row a non-empty line, from a text file (gzip or not) or JSON lines with a
+    ``text`` column; raises :class:`~acr_optim.errors.UsageError` naming ``name`` if nothing is left."""
+    rows = load_files([spec], name)
+    if "text" not in rows.column_names:
+        raise UsageError(f"{name} {spec}: no 'text' column (columns: {rows.column_names})")
+    rows = rows.filter(lambda row: row["text"].strip() != "")
+    if len(rows) == 0:
+        raise UsageError(f"{name} {spec}: only empty lines")
+    return rows
 
 
-def _existing(candidates: Iterable[Path]) -> Path | None:
-    return next((c for c in candidates if c.is_file()), None)
+def describe_split(args: RecipeArguments, split: str) -> str:
+    """Where a split came from, for error messages: ``--train_file X``, a hub dataset's split, or the held-out rows."""
+    if args.dataset_name:
+        return f"--dataset_name {args.dataset_name} ({split} split)"
+    spec = getattr(args, f"{split}_file") or (None if args.train_file else f"the embedded corpus ({split})")
+    if spec is None:
+        return f"the validation rows held out of --train_file {args.train_file}"
+    return spec if spec.startswith("the ") else f"--{split}_file {spec}"
 
 
-def parallel_files(spec: str, source_lang: str, target_lang: str) -> tuple[Path, Path]:
-    """The ``(source, target)`` files of a line-aligned pair named by ``spec``.
-
-    ``spec`` is a prefix (``data/train`` for ``data/train.de`` + ``data/train.en``, each optionally
-    ``.gz``) or the source file itself (``data/train.de.gz``: the target is ``data/train.en.gz``).
-    """
-    path = Path(spec)
-    for suffix in ("", ".gz"):
-        name = f".{source_lang}{suffix}"
-        if path.name.endswith(name) and path.is_file():
-            stem = path.name[: -len(name)]
-            target = _existing(path.with_name(f"{stem}.{target_lang}{s}") for s in (suffix, ".gz", ""))
-            if target is None:
-                raise FileNotFoundError(f"{spec}: no target file {stem}.{target_lang}[.gz] next to it")
-            return path, target
-    source = _existing(Path(f"{spec}.{source_lang}{s}") for s in ("", ".gz"))
-    target = _existing(Path(f"{spec}.{target_lang}{s}") for s in ("", ".gz"))
-    if source is None or target is None:
-        raise FileNotFoundError(
-            f"{spec}: expected {spec}.{source_lang}[.gz] and {spec}.{target_lang}[.gz], or a source file "
-            f"ending in .{source_lang} / .{source_lang}.gz, or a .json/.jsonl file"
-        )
-    return source, target
+def parse_arguments(parser: HfArgumentParser, defaults: list[str], argv: list[str] | None) -> tuple[Any, ...]:
+    """The recipe's dataclasses from ``defaults`` + ``argv`` (default: the command line); a value the dataclasses
+    refuse (``ValueError`` from their checks) becomes a :class:`~acr_optim.errors.UsageError`."""
+    try:
+        return parser.parse_args_into_dataclasses(defaults + (sys.argv[1:] if argv is None else argv))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
-def load_parallel_file(spec: str, source_lang: str, target_lang: str) -> Dataset:
-    """A ``translation`` dataset (``{"translation": {src: ..., tgt: ...}}`` rows, as on the hub) from ``spec``:
-    JSON lines with that column, or a line-aligned pair (see :func:`parallel_files`)."""
-    if spec.endswith((".json", ".jsonl")):
-        return load_dataset("json", data_files=spec, split="train")
-    source, target = parallel_files(spec, source_lang, target_lang)
-    src, tgt = read_lines(source), read_lines(target)
-    if len(src) != len(tgt):
-        raise ValueError(f"{source} has {len(src)} lines but {target} has {len(tgt)}: the files must be line-aligned")
-    return Dataset.from_dict({"translation": [{source_lang: s, target_lang: t} for s, t in zip(src, tgt)]})
-
-
-def load_text_file(spec: str) -> Dataset:
-    """A ``text`` dataset, one row a line, from a ``.txt`` file (gzip or not) or JSON lines with a ``text`` column."""
-    if spec.endswith((".json", ".jsonl")):
-        return load_dataset("json", data_files=spec, split="train")
-    return Dataset.from_dict({"text": read_lines(spec)})
-
-
-def load_splits(args: RecipeArguments, load_file: Callable[[str], Dataset], defaults: dict[str, str]) -> DatasetDict:
+def load_splits(
+    args: RecipeArguments, load_file: Callable[[str, str], Dataset], defaults: dict[str, str], seed: int
+) -> DatasetDict:
     """``train``/``validation``/``test`` from the hub (``--dataset_name``), from files, or from ``defaults``.
 
-    ``load_file(spec)`` reads one file argument; ``defaults`` are used when neither the hub nor
-    any file is given.  Each split is cut to its ``--max_*_samples``.
+    ``load_file(spec, name=flag)`` reads one file argument (``flag`` names it in errors); ``defaults``
+    are used when neither the hub nor any file is given.  Without a validation split,
+    ``--validation_split_percentage`` of the training rows are held out (with ``seed``).  Each
+    split is then cut to its ``--max_*_samples``.
     """
     if args.dataset_name:
         raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        if "train" not in raw:
+            raise UsageError(f"--dataset_name {args.dataset_name} has no train split (it has {sorted(raw)})")
     else:
         files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
         if not any(files.values()):
             files = defaults
-        raw = DatasetDict({split: load_file(spec) for split, spec in files.items() if spec})
+        if not files["train"]:
+            raise UsageError("--train_file is needed with --validation_file/--test_file")
+        raw = DatasetDict({split: load_file(spec, name=f"--{split}_file") for split, spec in files.items() if spec})
+    if "validation" not in raw:
+        if len(raw["train"]) < 2:
+            raise UsageError("the training data has fewer than 2 rows: too few to hold a validation split out")
+        held_out = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        raw["train"], raw["validation"] = held_out["train"], held_out["test"]
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_predict_samples}
     for split, limit in limits.items():
         if split in raw and limit is not None:
@@ -223,9 +230,9 @@ def local_tokenizer(
     texts: Sequence[str],
     vocab_size: int,
 ) -> PreTrainedTokenizerFast:
-    """Train a tokenizer on the main process, save it under ``output_dir/tokenizer`` and load it everywhere,
-    so that every process of a multi-process run uses the same vocabulary."""
-    folder = Path(training_args.output_dir) / "tokenizer"
+    """Train a tokenizer on the main process, save it in ``output_dir`` (where the model goes) and load it
+    everywhere, so that every process of a multi-process run uses the same vocabulary."""
+    folder = Path(training_args.output_dir)
     with training_args.main_process_first(desc="training the tokenizer"):
         if training_args.local_process_index == 0:
             train(texts, vocab_size).save_pretrained(folder)
@@ -264,9 +271,10 @@ def evaluate_under_corruption(
     """The Trainer's evaluation of ``dataset`` at ``w + a`` for each ``eps`` of ``--corruption_eval_eps``.
 
     ``a`` is the gradient-based corruption (paper Eq. 10) in ``{||a||_p = eps, ||a||_0 <= n}`` built
-    from the gradient of the mean loss over ``dataset`` (dropout off), computed by
-    :func:`acr_optim.probe.estimate_indicator` on every process over the whole dataset, so all
-    processes apply the same ``a``.  The weights are restored bit-exactly after each evaluation.
+    from ONE gradient of the mean loss over ``dataset`` (dropout off) for the whole sweep, by
+    :func:`acr_optim.probe.probe` on every process over the whole dataset, so all processes apply
+    the same ``a``.  The weights are restored bit-exactly after each evaluation; the main process
+    prints a line per evaluation with its time.
 
     Returns ``{f"{prefix}_corrupted_eps_{eps}_{key}": value}`` for each metric of the evaluation,
     plus ``..._loss_increase`` (the measured ``L(w + a) - L(w)``, the corruption indicator).
@@ -276,15 +284,34 @@ def evaluate_under_corruption(
     device = trainer.args.device
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in loader]
     results: dict[str, float] = {}
-    for eps in args.corruption_eval_eps:
-        indicator = estimate_indicator(
-            model, batches, eps=eps, p=args.corruption_eval_p, n=args.corruption_eval_n, method="gradient"
-        )
-        prefix = f"{metric_key_prefix}_corrupted_eps_{eps:g}"
-        with corrupted(model, indicator.corruption):
+    finished: list[float] = []
+    total, start = len(args.corruption_eval_eps), time.perf_counter()
+
+    def evaluate(row: dict[str, Any], a: dict[str, torch.Tensor]) -> None:
+        prefix = f"{metric_key_prefix}_corrupted_eps_{row['eps']:g}"
+        with corrupted(model, a):
             metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
-        metrics[f"{prefix}_loss_increase"] = indicator.delta_loss
+        metrics[f"{prefix}_loss_increase"] = row["delta_loss"]
         results.update({k: v for k, v in metrics.items() if not k.endswith(("_runtime", "per_second"))})
+        finished.append(row["eps"])
+        if trainer.is_world_process_zero():
+            print(
+                f"corrupted evaluation {len(finished)}/{total}: eps {row['eps']:g}, loss increase "
+                f"{row['delta_loss']:.3f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+
+    probe(
+        model,
+        batches,
+        eps=args.corruption_eval_eps,
+        p=args.corruption_eval_p,
+        n=args.corruption_eval_n,
+        method="gradient",
+        by="all",
+        on_corruption=evaluate,
+    )
     return results
 
 
@@ -321,9 +348,12 @@ def write_card(
     metric_type: str,
     metric_name: str,
     language: str | list[str],
+    usage: str,
+    test_result: float | None = None,
     training: dict[str, Any] | None = None,
 ) -> None:
-    """``output_dir/README.md``: the model card of the run (see :func:`acr_optim.hub.write_model_card`)."""
+    """``output_dir/README.md``: the model card of the run (see :func:`acr_optim.hub.write_model_card`);
+    ``usage`` is code loading the model, with ``{path}`` standing for its folder or hub id."""
     training_args, model = trainer.args, trainer.model
     on_hub = bool(args.dataset_name)
     dataset = args.dataset_name or (local_dataset if not args.train_file else Path(args.train_file).parent.name)
@@ -335,7 +365,9 @@ def write_card(
         task_type=task_type,
         metric_type=metric_type,
         metric_name=metric_name,
-        results=[(eps, value) for eps, value, _ in rows],
+        results=rows,
+        test_result=test_result,
+        usage=usage.replace("{path}", training_args.hub_model_id or training_args.output_dir),
         dataset_name=dataset,
         dataset_type=dataset if on_hub else "local",
         dataset_config=args.dataset_config_name,
@@ -346,8 +378,12 @@ def write_card(
         base_model=args.model_name_or_path,
         language=language,
         training={
-            k: getattr(training_args, k)
-            for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "seed")
+            "learning_rate": training_args.learning_rate,
+            "optimizer_steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0.0, 2),
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "seed": training_args.seed,
         }
         | (training or {}),
     )

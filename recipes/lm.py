@@ -28,12 +28,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from datasets import DatasetDict
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     GPT2Config,
     HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -45,16 +48,21 @@ from _common import (
     EMBEDDED_DATA,
     RecipeArguments,
     acr_optimizer,
+    describe_split,
     evaluate_under_corruption,
     load_splits,
     load_text_file,
     local_tokenizer,
+    parse_arguments,
     robustness_block,
     robustness_rows,
     summary,
     train_byte_level_tokenizer,
     write_card,
 )
+
+from acr_optim.errors import UsageError, exit_on_usage_error
+from acr_optim.integrations.models import load_model, load_tokenizer
 
 # The recipe's defaults, put before the command line so any of them can be overridden there.
 # fmt: off
@@ -68,8 +76,17 @@ DEFAULTS = [
     "--logging_steps", "50",
     "--save_strategy", "no",
     "--report_to", "none",
+    *([] if torch.cuda.is_available() else ["--dataloader_pin_memory", "false"]),  # nothing to pin for on a CPU
 ]
 # fmt: on
+
+# How to load and run the trained model, for its model card ({path}: its folder; {example}: a prompt).
+USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+model = AutoModelForCausalLM.from_pretrained("{path}")
+batch = tokenizer("{example}", return_tensors="pt")
+print(tokenizer.decode(model.generate(**batch, max_new_tokens=20, do_sample=False)[0]))"""
 
 # A tiny GPT-2 (about 0.4M parameters besides the embeddings) for the default run.
 TINY_GPT2 = {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_inner": 512, "n_positions": 256}
@@ -88,43 +105,13 @@ class LMArguments(RecipeArguments):
     block_size: int = field(
         default=64, metadata={"help": "Training sequences: the text cut into blocks of this many tokens."}
     )
-    validation_split_percentage: int = field(
-        default=5, metadata={"help": "Percentage of the training lines held out when there is no validation set."}
-    )
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((LMArguments, TrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses(DEFAULTS + (sys.argv[1:] if argv is None else argv))
-    set_seed(training_args.seed)
-
-    # Data: {"text": line} rows, from the hub, files, or the English side of the embedded corpus.
-    raw = load_splits(
-        args,
-        load_text_file,
-        defaults={
-            split: str(EMBEDDED_DATA / f"{name}.en")
-            for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
-        },
-    )
-    raw = raw.filter(lambda row: row["text"].strip() != "")
-    if "validation" not in raw:
-        held_out = raw["train"].train_test_split(
-            test_size=args.validation_split_percentage / 100, seed=training_args.seed
-        )
-        raw["train"], raw["validation"] = held_out["train"], held_out["test"]
-
-    # Tokenizer and model: pretrained, or from a config with a tokenizer trained on the training texts.
+def causal_lm(args: LMArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """``--model_name_or_path``, or a new model from ``--model_config`` (default :data:`TINY_GPT2`) sized to ``tokenizer``."""
     if args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        model, _ = load_model(args.model_name_or_path, "causal-lm", what="--model_name_or_path")
     else:
-        if args.tokenizer_name:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
-        else:
-            tokenizer = local_tokenizer(
-                training_args, train_byte_level_tokenizer, raw["train"]["text"], args.tokenizer_vocab_size
-            )
         config = AutoConfig.from_pretrained(args.model_config) if args.model_config else GPT2Config(**TINY_GPT2)
         config.update(
             {
@@ -138,18 +125,58 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # naming it lets the Trainer count num_items_in_batch over the shifted labels that loss averages over.
     if model.loss_type is None:
         model.loss_type = "ForCausalLM"
+    return model
+
+
+def tokenize_into_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, args: LMArguments) -> DatasetDict:
+    """Each split's lines tokenized, each followed by EOS, concatenated and cut into ``--block_size`` blocks (the
+    remainder dropped); ``labels`` are the ``input_ids``.  Raises :class:`UsageError` if train or validation has
+    no block."""
     block_size = args.block_size
 
     def tokenize_and_group(batch):
-        """Each line's tokens then EOS, all concatenated and cut into ``block_size`` blocks (the remainder dropped)."""
         ids = [token for line in tokenizer(batch["text"])["input_ids"] for token in [*line, tokenizer.eos_token_id]]
         blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks}
 
+    data = raw.map(tokenize_and_group, batched=True, batch_size=1000, remove_columns=raw["train"].column_names)
+    for split in ("train", "validation"):
+        if len(data[split]) == 0:
+            raise UsageError(
+                f"{describe_split(args, split)}: shorter than one block of {block_size} tokens; lower --block_size"
+            )
+    return data
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = HfArgumentParser((LMArguments, TrainingArguments))
+    args, training_args = parse_arguments(parser, DEFAULTS, argv)
+    set_seed(training_args.seed)
+
+    # Data: {"text": line} rows, from the hub, files, or the English side of the embedded corpus.
+    raw = load_splits(
+        args,
+        load_text_file,
+        defaults={
+            split: str(EMBEDDED_DATA / f"{name}.en")
+            for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
+        },
+        seed=training_args.seed,
+    )
+
+    # Tokenizer and model: pretrained, or from a config with a tokenizer trained on the training texts.
+    if args.model_name_or_path:
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "--model_name_or_path")
+    elif args.tokenizer_name:
+        tokenizer = load_tokenizer(args.tokenizer_name, "--tokenizer_name")
+    else:
+        tokenizer = local_tokenizer(
+            training_args, train_byte_level_tokenizer, raw["train"]["text"], args.tokenizer_vocab_size
+        )
+    model = causal_lm(args, tokenizer)
     with training_args.main_process_first(desc="tokenizing"):
-        data = raw.map(tokenize_and_group, batched=True, batch_size=1000, remove_columns=raw["train"].column_names)
-    if len(data["validation"]) == 0:
-        raise ValueError(f"the validation text is shorter than one block of {block_size} tokens: lower --block_size")
+        data = tokenize_into_blocks(raw, tokenizer, args)
+    block_size = args.block_size
 
     # Training: ACR around AdamW, or the Trainer's own optimizer with --no_acr.
     optimizers, callbacks = acr_optimizer(model, args, training_args)
@@ -196,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             metric_type="perplexity",
             metric_name="Perplexity",
             language="en",
+            usage=USAGE.replace("{example}", " ".join(raw["validation"][0]["text"].split()[:4]).replace('"', "'")),
+            test_result=metrics.get("test_perplexity"),
             training={"block_size": block_size},
         )
         lines = [
@@ -217,4 +246,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_usage_error("lm.py", main)

@@ -308,7 +308,7 @@ def _cli(*args, env=None, cwd=None):
         timeout=300,
         cwd=cwd,
     )
-    messages = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]  # no bars
+    messages = [line for line in result.stderr.splitlines() if line.strip() and "/s]" not in line]  # no bars
     return result.returncode, result.stdout, "\n".join(messages)
 
 

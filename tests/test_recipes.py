@@ -13,6 +13,8 @@ import pytest
 pytest.importorskip("transformers")
 from huggingface_hub import ModelCard
 
+from acr_optim.data import load_parallel
+from acr_optim.errors import UsageError
 from acr_optim.hub import write_model_card
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -23,56 +25,19 @@ import _common
 import de_en
 import lm
 
-LINES = ["Der Hund schläft.", "Es regnet.\r", "", "Ein Mann liest die Zeitung."]
 
-
-def _write(path: Path, lines: list[str], compress: bool) -> None:
+def _write(path: Path, lines: list[str], compress: bool = False) -> None:
     text = "".join(line + "\n" for line in lines).encode("utf-8")
     path.write_bytes(gzip.compress(text) if compress else text)
 
 
-# -- data loading --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("compress", [False, True])
-def test_read_lines_plain_and_gzip(tmp_path, compress):
-    path = tmp_path / ("x.de.gz" if compress else "x.de")
-    _write(path, LINES, compress)
-    assert _common.read_lines(path) == ["Der Hund schläft.", "Es regnet.", "", "Ein Mann liest die Zeitung."]
-
-
-def test_gzip_detected_from_content_not_name(tmp_path):
-    path = tmp_path / "train.txt"  # gzip data without a .gz suffix
-    _write(path, LINES[:2], compress=True)
-    assert _common.read_lines(path) == ["Der Hund schläft.", "Es regnet."]
-
-
-def test_parallel_files_by_prefix_and_by_source_file(tmp_path):
-    _write(tmp_path / "train.de.gz", ["a", "b"], compress=True)
-    _write(tmp_path / "train.en.gz", ["A", "B"], compress=True)
-    _write(tmp_path / "dev.de", ["c"], compress=False)
-    _write(tmp_path / "dev.en", ["C"], compress=False)
-    expected = (tmp_path / "train.de.gz", tmp_path / "train.en.gz")
-    assert _common.parallel_files(str(tmp_path / "train"), "de", "en") == expected
-    assert _common.parallel_files(str(tmp_path / "train.de.gz"), "de", "en") == expected
-    assert _common.parallel_files(str(tmp_path / "dev"), "de", "en") == (tmp_path / "dev.de", tmp_path / "dev.en")
-    ds = _common.load_parallel_file(str(tmp_path / "train"), "de", "en")
-    assert ds["translation"] == [{"de": "a", "en": "A"}, {"de": "b", "en": "B"}]
-    with pytest.raises(FileNotFoundError, match="missing.de"):
-        _common.parallel_files(str(tmp_path / "missing"), "de", "en")
-
-
-def test_parallel_files_must_be_line_aligned(tmp_path):
-    _write(tmp_path / "x.de", ["a", "b"], compress=False)
-    _write(tmp_path / "x.en", ["A"], compress=False)
-    with pytest.raises(ValueError, match="2 lines .* 1"):
-        _common.load_parallel_file(str(tmp_path / "x"), "de", "en")
+# -- data loading (the files themselves: tests/test_data.py) ------------------------------------
 
 
 def test_embedded_corpus_is_aligned_and_disjoint():
     splits = {}
     for name, size in [("train", 1000), ("valid", 60), ("test", 64)]:
-        ds = _common.load_parallel_file(str(_common.EMBEDDED_DATA / name), "de", "en")
+        ds = load_parallel(str(_common.EMBEDDED_DATA / name), "de", "en")
         assert len(ds) == size
         splits[name] = {pair["de"] for pair in ds["translation"]}
         assert all(pair["de"].strip() and pair["en"].strip() for pair in ds["translation"])
@@ -82,7 +47,7 @@ def test_embedded_corpus_is_aligned_and_disjoint():
 
 @pytest.mark.skipif(not (SHARED / "multi30k").is_dir(), reason="../shared/data/multi30k not available")
 def test_multi30k_gz_pairs_load():
-    ds = _common.load_parallel_file(str(SHARED / "multi30k" / "val"), "de", "en")
+    ds = load_parallel(str(SHARED / "multi30k" / "val"), "de", "en")
     assert len(ds) == 1014
     assert ds[0]["translation"]["de"] and ds[0]["translation"]["en"]
 
@@ -95,7 +60,7 @@ def test_load_splits_from_a_dataset_repository_folder(tmp_path):
         rows = [{"de": f"{split} {i}", "en": f"{split.upper()} {i}"} for i in range(n)]
         Dataset.from_dict({"translation": rows}).to_json(tmp_path / f"{split}.jsonl")
     args = de_en.TranslationArguments(dataset_name=str(tmp_path), max_train_samples=4, max_eval_samples=10)
-    raw = _common.load_splits(args, load_file=_common.load_text_file, defaults={})
+    raw = _common.load_splits(args, load_file=_common.load_text_file, defaults={}, seed=0)
     assert {split: len(ds) for split, ds in raw.items()} == {"train": 4, "validation": 3, "test": 2}
     assert raw["train"][3]["translation"] == {"de": "train 3", "en": "TRAIN 3"}
 
@@ -111,6 +76,97 @@ def test_recipe_arguments_are_validated():
         lm.LMArguments(dataset_name="wikitext", train_file="x.txt")
 
 
+def test_both_recipes_hold_out_validation_rows_when_no_validation_file_is_given(tmp_path):
+    from functools import partial
+
+    _write(tmp_path / "t.de", [f"satz {i}" for i in range(40)])
+    _write(tmp_path / "t.en", [f"sentence {i}" for i in range(40)])
+    _write(tmp_path / "t.txt", [f"line {i}" for i in range(40)] + [""])
+    loaders = [
+        (de_en.TranslationArguments(train_file=str(tmp_path / "t"), validation_split_percentage=10),
+         partial(load_parallel, source_lang="de", target_lang="en")),
+        (lm.LMArguments(train_file=str(tmp_path / "t.txt"), validation_split_percentage=10), _common.load_text_file),
+    ]  # fmt: skip
+    for args, load_file in loaders:
+        raw = _common.load_splits(args, load_file, defaults={}, seed=0)
+        assert {split: len(rows) for split, rows in raw.items()} == {"train": 36, "validation": 4}
+        again = _common.load_splits(args, load_file, defaults={}, seed=0)
+        assert again["validation"].to_list() == raw["validation"].to_list()  # the same rows for the same seed
+    with pytest.raises(ValueError, match=r"--validation_split_percentage must be in \[1, 50\], got 0"):
+        lm.LMArguments(validation_split_percentage=0)
+
+
+def _recipe(tmp_path, *argv, launcher=()):
+    """Run a recipe as a user does, in a subprocess; returns (exit code, the lines on stderr that are not bars)."""
+    import os
+    import subprocess
+
+    result = subprocess.run(
+        [*launcher, *([] if launcher else [sys.executable]), *map(str, argv)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    return result.returncode, [line for line in result.stderr.splitlines() if line.strip() and "/s]" not in line]
+
+
+def test_user_errors_in_the_recipes_name_the_flag_and_the_problem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    _write(tmp_path / "blank.txt", ["", "  "])
+    _write(tmp_path / "short.txt", ["one two three"])
+    _write(tmp_path / "x.de", ["a"])
+    cases = [
+        (lm, ["--train_file", "empty.txt"], "--train_file empty.txt: the file is empty"),
+        (lm, ["--train_file", "blank.txt"], "--train_file blank.txt: only empty lines"),
+        (lm, ["--train_file", "short.txt", "--validation_file", "short.txt"],
+         "--train_file short.txt: shorter than one block of 64 tokens; lower --block_size"),
+        (de_en, ["--train_file", "x.de"], "--train_file x.de: no target file x.en[.gz] next to it"),
+        (de_en, ["--train_file", "./nowhere/train"], "--train_file ./nowhere/train: no such file or folder"),
+        (de_en, ["--train_file", "nowhere"], ("--train_file nowhere: no such file; expected nowhere.de[.gz] and "
+         "nowhere.en[.gz], a source file ending in .de[.gz], or a .json/.jsonl file")),
+        (de_en, ["--model_name_or_path", "./my-model"], "--model_name_or_path ./my-model: no such file or folder"),
+        (de_en, ["--acr_alpha", "2"], "--acr_alpha must satisfy 0 <= --acr_alpha <= 1, got 2.0"),
+    ]  # fmt: skip
+    for recipe, argv, message in cases:
+        with pytest.raises(UsageError) as caught:
+            recipe.main([*argv, "--output_dir", str(tmp_path / "out")])
+        assert str(caught.value) == message
+
+
+def _recipe(tmp_path, *argv, launcher=()):
+    """Run a recipe as a user does, in a subprocess; returns (exit code, the lines on stderr that are not bars)."""
+    import os
+    import subprocess
+
+    result = subprocess.run(
+        [*launcher, *([] if launcher else [sys.executable]), *map(str, argv)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
+    # what the recipe itself says (an installed torchao can make transformers' imports print lines of their own)
+    return result.returncode, [line for line in result.stderr.splitlines() if ": error: " in line]
+
+
+def test_a_user_error_is_one_line_on_the_command_line_and_under_accelerate_launch(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    code, errors = _recipe(tmp_path, RECIPES / "lm.py", "--train_file", "empty.txt")
+    assert (code, errors) == (2, ["lm.py: error: --train_file empty.txt: the file is empty"])
+    # `make demo`'s launcher: no CalledProcessError traceback, just the line
+    launcher = [Path(sys.executable).parent / "accelerate", "launch", "-q", "--num_processes", "1",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    code, errors = _recipe(tmp_path, RECIPES / "de_en.py", "--acr_alpha", "2", launcher=launcher)
+    assert code != 0 and errors == ["de_en.py: error: --acr_alpha must satisfy 0 <= --acr_alpha <= 1, got 2.0"]
+
+
 # -- model card ----------------------------------------------------------------------------------
 
 
@@ -122,7 +178,9 @@ def test_model_card_parses_with_clean_and_corrupted_results(tmp_path):
         task_type="translation",
         metric_type="bleu",
         metric_name="BLEU",
-        results=[(0.0, 21.5), (0.1, 17.25), (1.0, 3.0)],
+        results=[(0.0, 21.5, 0.0), (0.1, 17.25, 0.123456), (1.0, 3.0, 2.5)],
+        test_result=20.123456,
+        usage='print("hello")',
         dataset_name="wmt16",
         dataset_type="wmt16",
         dataset_config="de-en",
@@ -139,16 +197,19 @@ def test_model_card_parses_with_clean_and_corrupted_results(tmp_path):
     assert data.datasets == ["wmt16"] and data.base_model == "Helsinki-NLP/opus-mt-de-en"
     assert {"acr-optim", "acr", "translation"} <= set(data.tags)
     results = data.eval_results
-    assert [r.metric_value for r in results] == [21.5, 17.25, 3.0]
+    assert [r.metric_value for r in results] == [21.5, 17.25, 3.0, 20.12]  # 4 significant digits
+    assert [(r.dataset_split, r.metric_name) for r in results[::3]] == [("validation", "BLEU"), ("test", "BLEU (test)")]
     assert [r.metric_config for r in results] == [
         None,
         "gradient-corruption p=2 n=all eps=0.1",
         "gradient-corruption p=2 n=all eps=1",
+        None,
     ]
     assert {(r.task_type, r.dataset_type, r.dataset_config, r.metric_type) for r in results} == {
         ("translation", "wmt16", "de-en", "bleu")
     }
-    assert "| clean | 21.50 |\n| 0.1 | 17.25 |\n| 1 | 3.00 |" in card.text
+    assert "| clean | 21.50 | 0.000 |\n| 0.1 | 17.25 | 0.123 |\n| 1 | 3.00 | 2.500 |" in card.text
+    assert "scores **20.12 BLEU**" in card.text and '## How to use\n\n```python\nprint("hello")\n```' in card.text
     assert "| `alpha` (weight of the corrupted loss) | 0.5 |" in card.text
     assert "A Study of Parameter Corruption" in card.text and "Sun, Xu" in card.text
 
@@ -161,7 +222,7 @@ def test_model_card_rejects_results_without_clean_row(tmp_path):
             task_type="translation",
             metric_type="bleu",
             metric_name="BLEU",
-            results=[(0.1, 1.0)],
+            results=[(0.1, 1.0, 0.5)],
             dataset_name="d",
             dataset_type="local",
         )
@@ -175,7 +236,12 @@ def _card_and_results(output_dir: Path) -> tuple[ModelCard, dict]:
     return ModelCard.load(output_dir / "README.md"), results
 
 
-def test_de_en_recipe_end_to_end(tmp_path, capsys):
+def test_de_en_recipe_end_to_end(tmp_path, capsys, monkeypatch):
+    import torch
+
+    gradient_passes = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: gradient_passes.append(1) or grad(*a, **k))
     out = tmp_path / "de_en"
     metrics = de_en.main(
         [
@@ -215,12 +281,34 @@ def test_de_en_recipe_end_to_end(tmp_path, capsys):
     assert "test_bleu" in results and metrics["eval_bleu"] == results["eval_bleu"]
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert all("acr/loss_gap" in entry for entry in log if "loss" in entry)
-    assert [r.metric_value for r in card.data.eval_results] == [row["bleu"] for row in rows]
+    validation = [r.metric_value for r in card.data.eval_results if r.dataset_split == "validation"]
+    assert validation == [float(f"{row['bleu']:.4g}") for row in rows]
     assert "acr" in card.data.tags and card.data.language == ["de", "en"]
     printed = capsys.readouterr().out
     assert "Under gradient-based parameter corruption (L2 norm eps, all parameters)" in printed
     assert "eps = 2" in printed and "loss increase" in printed
-    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    # one gradient (one pass over the single validation batch) for the whole eps sweep, a line per evaluation
+    assert len(gradient_passes) == 1
+    lines = [line for line in printed.splitlines() if line.startswith("corrupted evaluation")]
+    assert [line.split(",")[0] for line in lines] == [
+        "corrupted evaluation 1/2: eps 0.1",
+        "corrupted evaluation 2/2: eps 2",
+    ]
+    increase = results["eval_corrupted_eps_2_loss_increase"]
+    assert f"loss increase {increase:.3f} (" in lines[1]
+    # the tokenizer is written once, next to the model
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (out / "tokenizer").exists()
+    # the card: true step and epoch counts, test score, loss increases, a usage snippet that runs
+    training = dict(line.strip("| ").split(" | ") for line in card.text.splitlines() if line.startswith("| `"))
+    assert training["`optimizer_steps`"] == "3" and float(training["`epochs`"]) < 10
+    assert "num_train_epochs" not in card.text
+    (test,) = [r for r in card.data.eval_results if r.dataset_split == "test"]
+    assert test.metric_value == float(f"{results['test_bleu']:.4g}")
+    assert f"| 2 | {results['eval_corrupted_eps_2_bleu']:.2f} | {increase:.3f} |" in card.text
+    usage = card.text.split("## How to use\n\n```python\n")[1].split("```")[0]
+    exec(compile(usage, "usage", "exec"), {})  # noqa: S102 - running the card's own snippet is the test
+    assert "print(" in usage and capsys.readouterr().out.startswith("[")
 
 
 def test_lm_recipe_end_to_end_baseline(tmp_path):
