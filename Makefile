@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[hf,test]"
 	touch $@
 
+# The launch settings spelled out (accelerate warns about each one it defaults) and -q: a failing run ends with
+# the recipe's own message, not the launcher's CalledProcessError traceback.
 demo: install
-	$(BIN)/accelerate launch recipes/de_en.py
+	$(BIN)/accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/de_en.py
 
 test: install
 	$(BIN)/python -m pytest -q
