@@ -14,7 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 datasets = pytest.importorskip("datasets")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from tiny_models import tiny_marian_config
+from tiny_models import tiny_bert_config, tiny_marian_config
 
 from acr_optim.cli.probe import build_parser, main
 from acr_optim.probe import ProbeTable
@@ -171,17 +171,7 @@ def test_cli_seq2seq_parallel_text_and_classification_saved_dataset(tmp_path):
     assert "token_accuracy" in s2s["rows"][0] and s2s["config"]["num_examples"] == 8
 
     tok = _tokenizer(tmp_path / "bert")
-    bert = transformers.BertForSequenceClassification(
-        transformers.BertConfig(
-            vocab_size=len(tok),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            num_labels=2,
-        )
-    )
+    bert = transformers.BertForSequenceClassification(tiny_bert_config(vocab_size=len(tok), num_labels=2))
     bert.save_pretrained(tmp_path / "bert")
     enc = tok(_sentences(10, 3))
     datasets.Dataset.from_dict({**enc, "label": [i % 2 for i in range(10)]}).save_to_disk(tmp_path / "tokenised")
@@ -353,15 +343,7 @@ def test_task_comes_from_the_config_and_a_contradicting_task_is_refused(marian_d
 
 def test_a_load_that_leaves_weights_newly_initialised_is_refused(tmp_path):
     tok = _tokenizer(tmp_path / "bert")
-    config = transformers.BertConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    transformers.BertModel(config).save_pretrained(tmp_path / "bert")  # no classification head
+    transformers.BertModel(tiny_bert_config(vocab_size=len(tok))).save_pretrained(tmp_path / "bert")  # no head
     (tmp_path / "x.txt").write_text("\n".join(_sentences(4, 0)) + "\n")
     common = ["--data", str(tmp_path / "x.txt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]
     code, _, err = _cli("--model", tmp_path / "bert", *common)

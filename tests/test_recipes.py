@@ -96,23 +96,6 @@ def test_both_recipes_hold_out_validation_rows_when_no_validation_file_is_given(
         lm.LMArguments(validation_split_percentage=0)
 
 
-def _recipe(tmp_path, *argv, launcher=()):
-    """Run a recipe as a user does, in a subprocess; returns (exit code, the lines on stderr that are not bars)."""
-    import os
-    import subprocess
-
-    result = subprocess.run(
-        [*launcher, *([] if launcher else [sys.executable]), *map(str, argv)],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
-    return result.returncode, [line for line in result.stderr.splitlines() if line.strip() and "/s]" not in line]
-
-
 def test_user_errors_in_the_recipes_name_the_flag_and_the_problem(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("")

@@ -18,3 +18,17 @@ def tiny_marian_config(**overrides: Any):
         "max_position_embeddings": 32,
     }
     return MarianConfig(**(settings | overrides))
+
+
+def tiny_bert_config(**overrides: Any):
+    """A 1-layer BERT with hidden size 16 (``overrides`` set vocabulary, labels, ...)."""
+    from transformers import BertConfig
+
+    settings = {
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 32,
+    }
+    return BertConfig(**(settings | overrides))
