@@ -1,11 +1,13 @@
 # Two commands on a fresh machine (see README.md):
 #   make demo   - install into .venv, then run the De-En ACR recipe on its embedded default
 #   make test   - install into .venv, then run the test suite
+# and, for CI after `make test`:
+#   make test-oldest - the Trainer and PEFT integration tests against the oldest releases pyproject.toml accepts
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test
+.PHONY: install demo test test-oldest
 install: $(VENV)/.installed
 
 # The CPU wheel of torch first, where the machine has it, so that the torch requirement of the
@@ -25,3 +27,18 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The lower bounds of transformers, accelerate and peft in pyproject.toml, in a second environment (.venv has the
+# newest).  accelerate < 1.3 breaks transformers 5.0's Trainer; peft < 0.18 does not import with transformers 5.
+# The recipes' tests stay with the newest releases.
+OLDEST := transformers==5.0.0 accelerate==1.3.0 peft==0.18.0
+OLDEST_VENV := .venv-oldest
+
+$(OLDEST_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet torch==2.13.0 || $(OLDEST_VENV)/bin/pip install --quiet torch
+	$(OLDEST_VENV)/bin/pip install --quiet -e ".[hf,test]" $(OLDEST)
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -q tests/test_hf_callback.py tests/test_peft.py -k "not recipe"

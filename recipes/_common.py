@@ -72,6 +72,15 @@ class RecipeArguments:
     acr_alpha: float = field(default=0.5, metadata={"help": "ACR weight of the corrupted loss, 0 <= alpha <= 1."})
     acr_n: int | None = field(default=None, metadata={"help": "ACR L0 limit: corrupt at most n parameters."})
     no_acr: bool = field(default=False, metadata={"help": "Baseline: the Trainer's own optimizer, no ACR."})
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": "Train LoRA adapters of this rank (peft), not every weight; ACR corrupts the adapters."},
+    )
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator: the update is lora_alpha / r * B A."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Names of the modules to adapt (default: peft's for the architecture)."}
+    )
     corruption_eval_eps: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
         metadata={"help": "eps values of the gradient-based corruption the final model is evaluated under."},
@@ -88,6 +97,16 @@ class RecipeArguments:
             check_eps(eps, name="--corruption_eval_eps")
         check_p(self.corruption_eval_p, name="--corruption_eval_p")
         check_n(self.corruption_eval_n, name="--corruption_eval_n")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r is not None and not self.model_name_or_path:
+            raise ValueError("--lora_r fine-tunes a pretrained model: give --model_name_or_path too")
+        if self.lora_target_modules and self.lora_r is None:
+            raise ValueError("--lora_target_modules needs --lora_r")
         if self.tokenizer_vocab_size < 100:
             raise ValueError(f"--tokenizer_vocab_size must be >= 100, got {self.tokenizer_vocab_size}")
         if self.dataset_name and (self.train_file or self.validation_file or self.test_file):
@@ -260,6 +279,25 @@ def acr_optimizer(
     )
     optimizer = ACR(base, eps=args.acr_eps, p=args.acr_p, alpha=args.acr_alpha, n=args.acr_n)
     return (optimizer, None), [ACRCallback()]
+
+
+def apply_lora(model: torch.nn.Module, args: RecipeArguments, task_type: str) -> torch.nn.Module:
+    """``model`` with LoRA adapters of rank ``--lora_r`` (a ``peft`` model, base weights frozen), or ``model``
+    itself without ``--lora_r``.  ``task_type`` is peft's: ``"CAUSAL_LM"`` or ``"SEQ_2_SEQ_LM"``."""
+    if args.lora_r is None:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("--lora_r needs peft: pip install 'acr-optim[peft]'") from None
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
 
 
 # -- robustness ----------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from _common import (
     EMBEDDED_DATA,
     RecipeArguments,
     acr_optimizer,
+    apply_lora,
     evaluate_under_corruption,
     load_parallel_file,
     load_splits,
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # accumulated tokens and skip its division by gradient_accumulation_steps.
     if "loss_function" not in inspect.getsource(type(model).forward):
         model.accepts_loss_kwargs = False
+    model = apply_lora(model, args, "SEQ_2_SEQ_LM")
 
     def tokenize(batch):
         pairs = batch["translation"]

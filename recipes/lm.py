@@ -48,6 +48,7 @@ from _common import (
     EMBEDDED_DATA,
     RecipeArguments,
     acr_optimizer,
+    apply_lora,
     describe_split,
     evaluate_under_corruption,
     load_splits,
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenizer = local_tokenizer(
             training_args, train_byte_level_tokenizer, raw["train"]["text"], args.tokenizer_vocab_size
         )
-    model = causal_lm(args, tokenizer)
+    model = apply_lora(causal_lm(args, tokenizer), args, "CAUSAL_LM")
     with training_args.main_process_first(desc="tokenizing"):
         data = tokenize_into_blocks(raw, tokenizer, args)
     block_size = args.block_size

@@ -43,10 +43,13 @@ averaged over the optimizer steps since the previous log and over processes:
 * ``acr/corruption_norm``: ``||a||_p`` applied (:attr:`ACR.last_corruption_norm`: ``eps``, or
   several independently constrained groups combined as ``(sum eps_g^p)^(1/p)``).
 
-Supported: ``transformers >= 5.0, < 6`` (:data:`SUPPORTED_TRANSFORMERS`), single process, DDP
-through ``accelerate`` (the perturbation is built from the all-reduced gradient, or per replica
-with ``per_replica=True``), gradient accumulation, ``max_grad_norm``, bf16/fp16 mixed precision,
-LR schedulers, ``resume_from_checkpoint``.  FSDP, DeepSpeed, tensor/context/sequence
+Supported: ``transformers >= 5.0, < 6`` (:data:`SUPPORTED_TRANSFORMERS`; tested with 5.0.0 and
+accelerate 1.3.0, and with the newest releases; the Trainer internals used are listed in
+:data:`TRAINER_INTERNALS`), single process, DDP through ``accelerate`` (the perturbation is built
+from the all-reduced gradient, or per replica with ``per_replica=True``), gradient accumulation,
+``max_grad_norm``, bf16/fp16 mixed precision, LR schedulers, ``resume_from_checkpoint``,
+``torch_compile=True``, and ``peft`` LoRA models (only the adapters, the parameters with gradients,
+are corrupted and trained: see :mod:`acr_optim.integrations.peft`).  FSDP, DeepSpeed, tensor/context/sequence
 parallelism and SageMaker model parallelism raise ``NotImplementedError`` at attach time: the
 corruption would be computed from shards instead of the global gradient.
 """
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -70,7 +74,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from ..corruption import check_eps, check_n, check_p
 from ..optimizer import ACR, check_alpha
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "ACRCallback"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "TRAINER_INTERNALS", "ACRCallback"]
 
 SUPPORTED_TRANSFORMERS = (Version("5.0"), Version("6.0"))
 """``[lowest, highest)`` ``transformers`` versions whose ``Trainer`` loop ``ACRCallback`` relies on."""
@@ -82,6 +86,57 @@ def _check_transformers_version() -> None:
         raise RuntimeError(
             f"ACRCallback supports transformers >= {lo}, < {hi} (it wraps Trainer.training_step and relies on the "
             f"5.x training loop); found transformers {transformers.__version__}"
+        )
+
+
+# -- the Trainer internals ACRCallback relies on ---------------------------------------------------
+# transformers 5.x (checked up to 5.24) has no public hook between the last micro-batch's backward and
+# the gradient clipping, and does not hand callbacks their Trainer.  So the callback overrides
+# training_step on the Trainer instance (the method the Trainer documents as "subclass and override"),
+# and finds its Trainer as the `self` of a caller frame of on_init_end/on_train_begin (or is given it
+# through attach()).  These are all the internals it uses; attach() checks them, so a transformers
+# release that changes one fails there, naming it, rather than training wrongly.
+
+
+def _parameters(method: Callable[..., Any]) -> list[str]:
+    return list(inspect.signature(method).parameters)
+
+
+TRAINER_INTERNALS: dict[str, Callable[[Trainer], bool]] = {
+    "Trainer.training_step(model, inputs, num_items_in_batch)": lambda t: (
+        _parameters(t.training_step)[:3] == ["model", "inputs", "num_items_in_batch"]
+    ),
+    "Trainer.log(logs, ...)": lambda t: _parameters(t.log)[:1] == ["logs"],
+    "Trainer.create_optimizer()": lambda t: callable(t.create_optimizer),
+    "Trainer.optimizer": lambda t: hasattr(t, "optimizer"),
+    "Trainer.callback_handler.callbacks": lambda t: isinstance(t.callback_handler.callbacks, list),
+    "Trainer.accelerator (sync_gradients, no_sync, reduce, gradient_state.plugin_kwargs)": lambda t: (
+        all(hasattr(t.accelerator, name) for name in ("sync_gradients", "no_sync", "reduce"))
+        and isinstance(t.accelerator.gradient_state.plugin_kwargs, dict)
+    ),
+    "Trainer.is_deepspeed_enabled, is_fsdp_enabled, get_tp_size(), get_cp_size(), get_sp_size()": lambda t: all(
+        hasattr(t, name)
+        for name in ("is_deepspeed_enabled", "is_fsdp_enabled", "get_tp_size", "get_cp_size", "get_sp_size")
+    ),
+}
+"""Description -> check, for each ``Trainer`` internal :class:`ACRCallback` uses (see the comment above)."""
+
+
+def _provides(trainer: Trainer, check: Callable[[Trainer], bool]) -> bool:
+    try:
+        return bool(check(trainer))
+    except (AttributeError, TypeError, ValueError):  # a missing attribute, or a signature inspect cannot read
+        return False
+
+
+def _check_trainer_internals(trainer: Trainer) -> None:
+    missing = [what for what, check in TRAINER_INTERNALS.items() if not _provides(trainer, check)]
+    if missing:
+        lo, hi = SUPPORTED_TRANSFORMERS
+        raise RuntimeError(
+            f"ACRCallback relies on Trainer internals that transformers {transformers.__version__} "
+            f"({type(trainer).__name__}) does not provide as expected: {'; '.join(missing)}. It is tested with "
+            f"transformers >= {lo}, < {hi}; please report this with your transformers version"
         )
 
 
@@ -149,6 +204,7 @@ class ACRCallback(TrainerCallback):
             raise RuntimeError("this ACRCallback is already attached to another Trainer; create one per Trainer")
         if not isinstance(trainer, Trainer):
             raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
+        _check_trainer_internals(trainer)
         _check_unsupported_parallelism(trainer)
         if not any(cb is self for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(self)
@@ -172,7 +228,10 @@ class ACRCallback(TrainerCallback):
                 self.attach(owner)
                 return
             frame = frame.f_back
-        raise RuntimeError("ACRCallback could not find its Trainer: call ACRCallback.attach(trainer) before train()")
+        raise RuntimeError(
+            f"ACRCallback could not find its Trainer among its callers (transformers {transformers.__version__}): "
+            "call ACRCallback.attach(trainer) before train()"
+        )
 
     def _wrap_create_optimizer(self, create_optimizer: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
         @functools.wraps(create_optimizer)
