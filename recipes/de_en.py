@@ -33,7 +33,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import sacrebleu
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -65,6 +64,7 @@ from _common import (
     write_card,
 )
 
+from acr_optim.integrations.evaluate import corpus_bleu
 from acr_optim.integrations.models import refreeze_fixed_parameters
 
 # The recipe's defaults, put before the command line so any of them can be overridden there.
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # Generated length: tokens before the first EOS, after the decoder start token (beam search pads with EOS).
         is_eos = preds[:, 1:] == tokenizer.eos_token_id
         lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), is_eos.shape[1])
-        return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, "gen_len": float(lengths.mean())}
+        return {"bleu": corpus_bleu(hypotheses, references), "gen_len": float(lengths.mean())}
 
     # Training: ACR around AdamW, or the Trainer's own optimizer with --no_acr.
     optimizers, callbacks = acr_optimizer(model, args, training_args)
