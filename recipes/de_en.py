@@ -33,10 +33,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
     MarianConfig,
@@ -54,9 +54,9 @@ from _common import (
     acr_optimizer,
     apply_lora,
     evaluate_under_corruption,
-    load_parallel_file,
     load_splits,
     local_tokenizer,
+    parse_arguments,
     robustness_block,
     robustness_rows,
     summary,
@@ -64,8 +64,10 @@ from _common import (
     write_card,
 )
 
+from acr_optim.data import load_parallel
+from acr_optim.errors import exit_on_usage_error
 from acr_optim.integrations.evaluate import corpus_bleu
-from acr_optim.integrations.models import refreeze_fixed_parameters
+from acr_optim.integrations.models import load_model, load_tokenizer
 
 # The recipe's defaults, put before the command line so any of them can be overridden there.
 # fmt: off
@@ -82,8 +84,17 @@ DEFAULTS = [
     "--logging_steps", "50",
     "--save_strategy", "no",
     "--report_to", "none",
+    *([] if torch.cuda.is_available() else ["--dataloader_pin_memory", "false"]),  # nothing to pin for on a CPU
 ]
 # fmt: on
+
+# How to load and run the trained model, for its model card ({path}: its folder; {example}: a source sentence).
+USAGE = """from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+model = AutoModelForSeq2SeqLM.from_pretrained("{path}")
+batch = tokenizer(["{example}"], return_tensors="pt")
+print(tokenizer.batch_decode(model.generate(**batch, num_beams=4, max_new_tokens=64), skip_special_tokens=True))"""
 
 # A tiny Marian-style Transformer for the default run: about 1M parameters with a 2,000-token vocabulary.
 TINY_MARIAN = {
@@ -126,30 +137,28 @@ class TranslationArguments(RecipeArguments):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser((TranslationArguments, Seq2SeqTrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses(DEFAULTS + (sys.argv[1:] if argv is None else argv))
+    args, training_args = parse_arguments(parser, DEFAULTS, argv)
     set_seed(training_args.seed)
     src, tgt = args.source_lang, args.target_lang
 
     # Data: {"translation": {"de": ..., "en": ...}} rows, from the hub, files, or the embedded corpus.
     raw = load_splits(
         args,
-        partial(load_parallel_file, source_lang=src, target_lang=tgt),
+        partial(load_parallel, source_lang=src, target_lang=tgt),
         defaults={
             split: str(EMBEDDED_DATA / name)
             for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
         },
+        seed=training_args.seed,
     )
-    if "train" not in raw or "validation" not in raw:
-        raise ValueError("the recipe needs a train and a validation split (--train_file and --validation_file)")
 
     # Tokenizer and model: pretrained, or from a config with a tokenizer trained on the training texts.
     if args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
-        model = AutoModelForSeq2SeqLM.from_pretrained(args.model_name_or_path)
-        refreeze_fixed_parameters(model)  # e.g. Marian's sinusoidal positions come back trainable
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "--model_name_or_path")
+        model, _ = load_model(args.model_name_or_path, "seq2seq", what="--model_name_or_path")
     else:
         if args.tokenizer_name:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+            tokenizer = load_tokenizer(args.tokenizer_name, "--tokenizer_name")
         else:
             texts = [t for pair in raw["train"]["translation"] for t in (pair[src], pair[tgt])]
             tokenizer = local_tokenizer(
@@ -232,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             metric_type="bleu",
             metric_name="BLEU",
             language=[src, tgt],
+            usage=USAGE.replace("{example}", raw["validation"][0]["translation"][src].replace('"', "'")),
+            test_result=metrics.get("test_bleu"),
         )
         runtime = train_result.metrics["train_runtime"]
         lines = [
@@ -250,4 +261,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_usage_error("de_en.py", main)
