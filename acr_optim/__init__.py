@@ -1,5 +1,6 @@
 """acr-optim: robustness of neural networks to parameter corruption (Sun et al., AAAI 2021)."""
 
+from . import faults
 from .corruption import (
     LpCorruption,
     NonFiniteGradientError,
@@ -7,6 +8,15 @@ from .corruption import (
     gradient_corruption,
     random_corruption,
     top_n_indices,
+)
+from .faults import (
+    Fault,
+    bit_flip_error,
+    cast_error,
+    parse_fault,
+    pruning_error,
+    quantization_error,
+    worst_bit_flips,
 )
 from .optimizer import ACR
 from .penalty import penalized_loss
@@ -17,15 +27,23 @@ __version__ = "0.1.0"
 __all__ = [
     "ACR",
     "ACRCallback",
+    "Fault",
     "LpCorruption",
     "NonFiniteGradientError",
+    "bit_flip_error",
+    "cast_error",
     "corrupted",
     "estimate_indicator",
+    "faults",
     "first_order_gain",
     "gradient_corruption",
+    "parse_fault",
     "penalized_loss",
+    "pruning_error",
+    "quantization_error",
     "random_corruption",
     "top_n_indices",
+    "worst_bit_flips",
 ]
 
 

@@ -160,6 +160,12 @@ def _apply(params: Sequence[nn.Parameter], a: Sequence[Tensor], snapshot: _Snaps
     _resolution_check(params, a, [snapshot.data[id(p)] for p in params])
 
 
+@torch.no_grad()
+def _write(params: Sequence[nn.Parameter], values: Sequence[Tensor]) -> None:
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
 def _named_tensors(model: nn.Module, a: Mapping[str, Tensor]) -> tuple[list[nn.Parameter], list[Tensor]]:
     params = dict(model.named_parameters())
     unknown = [name for name in a if name not in params]
@@ -282,11 +288,15 @@ class _Context:
         return total / k, [g.div_(k) for g in grads]
 
     def measure(
-        self, params: Sequence[nn.Parameter], a: Sequence[Tensor], with_metric: bool = True
+        self, params: Sequence[nn.Parameter], a: Sequence[Tensor], with_metric: bool = True, *, values: bool = False
     ) -> tuple[float, dict[str, float]]:
-        """``L(w + a)`` and the metric there; parameters restored bit-exactly afterwards."""
+        """``L(w + a)`` and the metric there (with ``values``, ``L(a)``: ``a`` holds the parameter
+        values themselves, written exactly); parameters restored bit-exactly afterwards."""
         try:
-            _apply(params, a, self.snapshot)
+            if values:
+                _write(params, a)
+            else:
+                _apply(params, a, self.snapshot)
             return self.loss(), self.metric() if with_metric else {}
         finally:
             self.snapshot.restore_data(params)

@@ -24,13 +24,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _is_fault(row: dict[str, Any]) -> bool:
+    """Fault rows (``method`` a fault spec) have no ``eps``."""
+    return row.get("eps") is None
+
+
 @dataclass
 class ProbeTable:
-    """One row per (group, method, n, eps) with the run's ``config``.
+    """One row per (group, method, n, eps), and per (group, fault), with the run's ``config``.
 
     CSV rows carry the config scalars (model, p, seed, ...) as extra columns so every file is
     self-describing; JSON holds ``{"config": ..., "rows": [...]}``; Markdown lists the config
-    above the table.  ``n = None`` (no L0 limit) is written as an empty CSV cell / ``all``.
+    above the table.  ``n = None`` (no L0 limit) is written as an empty CSV cell / ``all``; fault
+    rows have ``eps = n = None`` (empty cells) and ``method`` set to the fault spec.
     """
 
     rows: list[dict[str, Any]]
@@ -77,7 +83,9 @@ class ProbeTable:
         ]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.rows:
-            cells = [("all" if k == "n" and row.get(k) is None else _fmt(row.get(k))) for k in cols]
+            cells = [
+                ("all" if k == "n" and row.get(k) is None and not _is_fault(row) else _fmt(row.get(k))) for k in cols
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         text = "\n".join(lines) + "\n"
         if path is not None:
@@ -85,7 +93,8 @@ class ProbeTable:
         return text
 
     def _default(self, key: str) -> Any:
-        return self.rows[0][key] if self.rows else None
+        """``key`` of the first ``eps`` row (not a fault row)."""
+        return next((row[key] for row in self.rows if not _is_fault(row)), None)
 
     def heatmap(
         self,
@@ -97,37 +106,42 @@ class ProbeTable:
     ) -> None:
         """Group x eps heatmap of ``value`` (warmer = larger = worse) for one method and ``n``.
 
-        Log colour scale when every value is positive.  ``method``/``n`` default to the first row's.
+        Log colour scale when every value is positive.  ``method``/``n`` default to the first
+        ``eps`` row's; fault rows have their own :meth:`fault_heatmap`.
         """
-        from matplotlib.colors import LogNorm, Normalize
-        from matplotlib.figure import Figure
-
         method = method or self._default("method")
         n = self._default("n") if n == "first" else n
-        rows = self.select(method=method, n=n)
+        rows = [r for r in self.select(method=method, n=n) if not _is_fault(r)]
         if not rows:
-            raise ValueError(f"no rows with method={method!r} and n={n!r}")
+            hint = " (fault rows: use fault_heatmap)" if self.select(method=method) else ""
+            raise ValueError(f"no rows with method={method!r} and n={n!r}{hint}")
         groups = list(dict.fromkeys(r["group"] for r in rows))
         eps = sorted({r["eps"] for r in rows})
         grid = [[math.nan] * len(eps) for _ in groups]
         for r in rows:
             grid[groups.index(r["group"])][eps.index(r["eps"])] = r[value]
-        finite = [v for line in grid for v in line if math.isfinite(v)]
-        norm = LogNorm() if finite and min(finite) > 0 else Normalize()
-        fig = Figure(figsize=(1.1 * len(eps) + 2.5, 0.45 * len(groups) + 1.6), layout="constrained")
-        ax = fig.add_subplot()
-        image = ax.imshow(grid, cmap="YlOrRd", norm=norm, aspect="auto")
-        ax.set_xticks(range(len(eps)), [f"{e:g}" for e in eps])
-        ax.set_yticks(range(len(groups)), groups)
-        ax.set_xlabel("eps")
-        for i, line in enumerate(grid):
-            for j, v in enumerate(line):
-                dark = math.isfinite(v) and norm(v) > 0.6
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
-        fig.colorbar(image, ax=ax, label=value)
         n_text = "all" if n is None else n
-        ax.set_title(title or f"{value}: {method}, p={_fmt(self._default('p'))}, n={n_text}", fontsize=9)
-        fig.savefig(path, dpi=120)
+        title = title or f"{value}: {method}, p={_fmt(self._default('p'))}, n={n_text}"
+        _draw_grid(path, grid, groups, [f"{e:g}" for e in eps], "eps", value, title)
+
+    def fault_heatmap(
+        self, path: PathLike, value: str = "delta_loss", faults: Sequence[str] | None = None, title: str | None = None
+    ) -> None:
+        """Group x fault heatmap of ``value`` (warmer = worse): which layer breaks under which fault.
+
+        ``faults`` (specs, default every fault of the table, in order) pick and order the
+        columns.  Log colour scale when every finite value is positive; inf/NaN cells are dark grey.
+        """
+        rows = [r for r in self.rows if _is_fault(r)]
+        faults = list(faults) if faults is not None else list(dict.fromkeys(r["method"] for r in rows))
+        rows = [r for r in rows if r["method"] in faults]
+        if not rows:
+            raise ValueError(f"no fault rows for faults={faults!r}")
+        groups = list(dict.fromkeys(r["group"] for r in rows))
+        grid = [[math.nan] * len(faults) for _ in groups]
+        for r in rows:
+            grid[groups.index(r["group"])][faults.index(r["method"])] = r[value]
+        _draw_grid(path, grid, groups, faults, "fault", value, title or f"{value} under faults")
 
     def curve(
         self,
@@ -145,9 +159,9 @@ class ProbeTable:
         groups = list(dict.fromkeys(r["group"] for r in self.rows))
         group = group or ("all" if "all" in groups else groups[0])
         n = self._default("n") if n == "first" else n
-        rows = self.select(group=group, n=n)
+        rows = [r for r in self.select(group=group, n=n) if not _is_fault(r)]
         if not rows:
-            raise ValueError(f"no rows with group={group!r} and n={n!r}")
+            raise ValueError(f"no eps rows with group={group!r} and n={n!r}")
         fig = Figure(figsize=(5, 3.4), layout="constrained")
         ax = fig.add_subplot()
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -176,3 +190,31 @@ class ProbeTable:
         n_text = "all" if n is None else n
         ax.set_title(title or f"{group}: p={_fmt(self._default('p'))}, n={n_text}", fontsize=9)
         fig.savefig(path, dpi=120)
+
+
+def _draw_grid(
+    path: PathLike, grid: list[list[float]], rows: list[str], columns: list[str], xlabel: str, value: str, title: str
+) -> None:
+    """A rows x columns heatmap PNG of ``grid``, values written in the cells; log colours when all finite ones are > 0."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+
+    finite = [v for line in grid for v in line if math.isfinite(v)]
+    norm = LogNorm() if finite and min(finite) > 0 else Normalize()
+    fig = Figure(figsize=(1.1 * len(columns) + 2.5, 0.45 * len(rows) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    data = np.ma.masked_invalid(np.array(grid, dtype=float))
+    image = ax.imshow(data, cmap=colormaps["YlOrRd"].with_extremes(bad="dimgrey"), norm=norm, aspect="auto")
+    slanted = max(map(len, columns)) > 8
+    ax.set_xticks(range(len(columns)), columns, rotation=30 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    for i, line in enumerate(grid):
+        for j, v in enumerate(line):
+            dark = not math.isfinite(v) or norm(v) > 0.6
+            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    fig.colorbar(image, ax=ax, label=value)
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=120)

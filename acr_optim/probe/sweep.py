@@ -1,8 +1,9 @@
-"""``probe``: the indicator per parameter group over grids of ``eps`` and ``n``, from one gradient."""
+"""``probe``: the indicator per parameter group over grids of ``eps`` and ``n``, and real-world faults, from one gradient."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import platform
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..corruption import check_eps, check_n
+from ..faults import Fault, parse_fault
 from .groups import GroupBy, group_parameters
 from .indicator import (
     IndicatorResult,
@@ -21,6 +23,7 @@ from .indicator import (
     _check_method,
     _Context,
     _estimate,
+    _norm,
     _select_params,
     preserved,
 )
@@ -44,14 +47,100 @@ def _progress_bar(total: int) -> Any:
     return tqdm(total=total, desc="acr-probe", unit="row")
 
 
+def _faults(faults: str | Fault | Sequence[str | Fault]) -> list[Fault]:
+    items = [faults] if isinstance(faults, (str, Fault)) else list(faults)
+    return [f if isinstance(f, Fault) else parse_fault(f) for f in items]
+
+
+def _input_major(model: nn.Module) -> set[int]:
+    """Ids of the weights stored ``(in, out)``, the transpose of ``nn.Linear``'s: transformers' ``Conv1D`` (GPT-2)."""
+    return {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}
+
+
+def _delta_stats(
+    values: Sequence[Tensor], tensors: Sequence[Tensor], grads: Sequence[Tensor], p: float
+) -> tuple[float, float, int, float]:
+    """``||d||_p``, ``||d||_inf``, non-zero count and ``g.d`` of ``d = w' - w`` (float64; NaN entries count as inf)."""
+    norms, maxima, l0, dot = [], [], 0, 0.0
+    for v, w, g in zip(values, tensors, grads):
+        d = (v.double() - w.double()).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+        norms.append(_norm([d], p))
+        maxima.append(_norm([d], math.inf))
+        l0 += int((v != w).count_nonzero())
+        dot += float(torch.dot(d.reshape(-1), g.reshape(-1).double()))
+    return _norm([torch.tensor(norms)], p), max(maxima), l0, dot
+
+
+def _fault_row(
+    ctx: _Context,
+    fault: Fault,
+    params: Sequence[nn.Parameter],
+    grads: Sequence[Tensor],
+    transposed: Sequence[bool],
+    loss_clean: float,
+    metric_clean: dict[str, float],
+    p: float,
+    trials: int,
+    seed: int,
+) -> tuple[dict[str, Any], dict[int, Tensor]]:
+    """The table row of ``fault`` on ``params`` and the deltas ``w' - w`` of its worst draw (by position in ``params``).
+
+    Each draw writes the faulty values themselves (not ``w + d``), measures, and restores the
+    parameters bit-exactly.  A NaN loss counts as ``inf`` (the fault broke the model); ``broken``
+    is the share of draws with an infinite loss, and ``delta_loss_std`` is NaN when there are any.
+    """
+    hit = [i for i, t in enumerate(params) if fault.targets(t)]
+    row: dict[str, Any] = {"method": fault.name, "eps": None, "p": p, "n": None, "trials": 0, "loss_clean": loss_clean}
+    if not hit:  # the fault leaves this group as it is: nothing to measure
+        row.update(loss=loss_clean, delta_loss=0.0, delta_loss_std=0.0, delta_loss_max=0.0, first_order=0.0)
+        row.update(norm=0.0, l0=0, norm_inf=0.0, broken=0.0)
+        row.update({k: v for key, value in metric_clean.items() for k, v in ((f"{key}_clean", value), (key, value))})
+        return row, {}
+    params, grads, transposed = [params[i] for i in hit], [grads[i] for i in hit], [transposed[i] for i in hit]
+    tensors = [t.detach() for t in params]
+    # quantization scales and int8 codes run along output channels: (in, out) weights go in transposed
+    tensors_in, grads_in = ([t.t() if flip else t for t, flip in zip(ts, transposed)] for ts in (tensors, grads))
+    generator = torch.Generator(device=tensors[0].device).manual_seed(seed)
+    losses, deltas, metrics, stats, worst = [], [], [], [], []
+    for _ in range(trials if fault.stochastic else 1):
+        values = [v.t() if flip else v for v, flip in zip(fault.values(tensors_in, grads_in, generator), transposed)]
+        loss, metric = ctx.measure(params, values, values=True)
+        loss = math.inf if math.isnan(loss) else loss
+        if not deltas or loss - loss_clean > max(deltas):
+            worst = values
+        losses.append(loss)
+        deltas.append(loss - loss_clean)
+        metrics.append(metric)
+        stats.append(_delta_stats(values, tensors, grads, p))
+    draws, at = len(deltas), deltas.index(max(deltas))
+    finite = all(math.isfinite(d) for d in deltas)
+    row.update(
+        trials=draws,
+        loss=sum(losses) / draws,
+        delta_loss=sum(deltas) / draws,
+        delta_loss_std=float(torch.tensor(deltas, dtype=torch.float64).std(unbiased=False)) if finite else math.nan,
+        delta_loss_max=max(deltas),
+        first_order=sum(s[3] for s in stats) / draws,
+        norm=stats[at][0],
+        l0=stats[at][2],
+        norm_inf=stats[at][1],
+        broken=sum(not math.isfinite(d) for d in deltas) / draws,
+    )
+    for key, value in metric_clean.items():
+        row[f"{key}_clean"] = value
+        row[key] = sum(m[key] for m in metrics) / draws
+    return row, {i: (v - w) for i, v, w in zip(hit, worst, tensors)}
+
+
 def probe(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    eps: float | Sequence[float],
+    eps: float | Sequence[float] | None = None,
     p: float = 2,
     n: int | None | Sequence[int | None] = None,
     method: str | Sequence[str] = "gradient",
+    faults: str | Fault | Sequence[str | Fault] = (),
     by: GroupBy = "type",
     include_all: bool = True,
     metric_fn: MetricFn | None = None,
@@ -77,10 +166,27 @@ def probe(
     directions across ``eps``.  ``on_corruption(row, {name: a})`` sees each applied corruption
     (the worst draw for ``"random"``).  The model comes back bit-exact, also on interruption.
     Other arguments as in :func:`~acr_optim.probe.estimate_indicator`.
+
+    ``faults`` (specs of :func:`~acr_optim.faults.parse_fault` such as ``"int4:g32"``, ``"bf16"``,
+    ``"flip:1e-6"``, ``"prune:0.5"``, or :class:`~acr_optim.faults.Fault` objects) add one row per
+    group and fault after the group's ``eps`` rows: ``method`` is the spec, ``eps`` and ``n`` are
+    None, ``trials`` the number of draws (``trials`` for stochastic faults, 1 otherwise, 0 when
+    the fault touches none of the group's parameters, e.g. int8 on a norm group), ``delta_loss``
+    (``_std``, ``_max``) over the draws, ``first_order = g.d``, ``norm = ||d||_p`` and
+    ``l0`` of the worst draw's ``d = w' - w``, plus ``norm_inf = max |d|`` (compare the norms
+    with the ``eps`` of the other rows) and ``broken`` (the share of draws whose loss is inf or
+    NaN).  A fault writes the faulty values themselves; ``on_corruption`` sees ``d`` (see
+    :mod:`acr_optim.faults` on when ``w + d`` rounds).  Stochastic faults draw from a generator
+    seeded with ``seed`` for every row.  The faults see GPT-2's ``Conv1D`` weights transposed,
+    ``(out, in)`` as in ``nn.Linear``, so channels and groups are output rows and input runs.
+    ``eps`` may be omitted when ``faults`` are given (no ``method`` rows then).
     """
-    eps_grid = _grid(eps, check_eps)
+    fault_list = _faults(faults)
+    if eps is None and not fault_list:
+        raise ValueError("eps is required unless faults are given")
+    eps_grid = [] if eps is None else _grid(eps, check_eps)
     n_grid = _grid(n, check_n)
-    methods = _grid(method, _check_method)
+    methods = _grid(method, _check_method) if eps_grid else []
     p = _check_common(p, trials, steps, step_size)
     batches = _as_batches(batches)
     with preserved(model) as snapshot:
@@ -96,53 +202,75 @@ def probe(
         ctx = _Context(model, batches, loss_fn, metric_fn, snapshot)
         _, grads = ctx.loss_and_grad(list(named.values()))
         grad_of = dict(zip(named, grads))
+        input_major = _input_major(model)
         loss_clean, metric_clean = ctx.loss(), ctx.metric()
         rows: list[dict[str, Any]] = []
-        total = len(groups) * len(methods) * len(n_grid) * len(eps_grid)
+        total = len(groups) * (len(methods) * len(n_grid) * len(eps_grid) + len(fault_list))
         bar = _progress_bar(total) if progress else None
         try:
-            for (group, names), m, n_, e in itertools.product(groups.items(), methods, n_grid, eps_grid):
+            for group, names in groups.items():
                 tensors = [named[k] for k in names]
-                result: IndicatorResult = _estimate(
-                    ctx,
-                    tensors,
-                    names,
-                    [grad_of[k] for k in names],
-                    loss_clean,
-                    metric_clean,
-                    eps=e,
-                    p=p,
-                    n=n_,
-                    method=m,
-                    trials=trials,
-                    seed=seed,
-                    steps=steps,
-                    step_size=step_size,
-                )
-                row = {"group": group, "num_params": sum(t.numel() for t in tensors), **result.to_dict()}
-                rows.append(row)
-                if on_corruption is not None:
-                    on_corruption(row, result.corruption)
-                if bar is not None:
-                    bar.update()
+                head = {"group": group, "num_params": sum(t.numel() for t in tensors)}
+                for m, n_, e in itertools.product(methods, n_grid, eps_grid):
+                    result: IndicatorResult = _estimate(
+                        ctx,
+                        tensors,
+                        names,
+                        [grad_of[k] for k in names],
+                        loss_clean,
+                        metric_clean,
+                        eps=e,
+                        p=p,
+                        n=n_,
+                        method=m,
+                        trials=trials,
+                        seed=seed,
+                        steps=steps,
+                        step_size=step_size,
+                    )
+                    rows.append({**head, **result.to_dict()})
+                    if on_corruption is not None:
+                        on_corruption(rows[-1], result.corruption)
+                    if bar is not None:
+                        bar.update()
+                for fault in fault_list:
+                    row, worst = _fault_row(
+                        ctx,
+                        fault,
+                        tensors,
+                        [grad_of[k] for k in names],
+                        [id(t) in input_major for t in tensors],
+                        loss_clean,
+                        metric_clean,
+                        p,
+                        trials,
+                        seed,
+                    )
+                    rows.append({**head, **row})
+                    if on_corruption is not None:
+                        on_corruption(rows[-1], {names[i]: d for i, d in worst.items()})
+                    if bar is not None:
+                        bar.update()
         finally:
             if bar is not None:
                 bar.close()
-    config = {
-        "model": model_name or type(model).__name__,
-        "eps": eps_grid,
-        "p": p,
-        "n": n_grid,
-        "methods": methods,
-        "by": by if isinstance(by, str) else "custom",
-        "trials": trials,
-        "seed": seed,
-        "num_batches": len(batches),
-        "params_probed": sum(t.numel() for t in named.values()),
-        "dtype": str(next(iter(named.values())).dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    config: dict[str, Any] = {"model": model_name or type(model).__name__}
+    if eps_grid:
+        config.update(eps=eps_grid, p=p, n=n_grid, methods=methods)
+    else:
+        config.update(p=p)
+    if fault_list:
+        config.update(faults=[f.name for f in fault_list])
+    config.update(
+        by=by if isinstance(by, str) else "custom",
+        trials=trials,
+        seed=seed,
+        num_batches=len(batches),
+        params_probed=sum(t.numel() for t in named.values()),
+        dtype=str(next(iter(named.values())).dtype).removeprefix("torch."),
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
     if "pgd" in methods:
         config.update(steps=steps, step_size=step_size)
     return ProbeTable(rows=rows, config=config)
