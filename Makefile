@@ -3,11 +3,12 @@
 #   make test   - install into .venv, then run the test suite
 # and, for CI after `make test`:
 #   make test-oldest - the Trainer and PEFT integration tests against the oldest releases pyproject.toml accepts
+# and `make docs` builds the documentation site (mkdocs.yml) into site/, as tests/test_docs.py does.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-oldest
+.PHONY: install demo test test-oldest docs
 install: $(VENV)/.installed
 
 # The CPU wheel of torch first, where the machine has it, so that the torch requirement of the
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0 || $(BIN)/pip install --quiet torch
-	$(BIN)/pip install --quiet -e ".[hf,test]"
+	$(BIN)/pip install --quiet -e ".[hf,test,docs]"
 	touch $@
 
 # The launch settings spelled out (accelerate warns about each one it defaults) and -q: a failing run ends with
@@ -27,6 +28,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The documentation site into site/ (offline; strict: a broken link or cross-reference fails the build).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The lower bounds of transformers, accelerate and peft in pyproject.toml, in a second environment (.venv has the
 # newest).  accelerate < 1.3 breaks transformers 5.0's Trainer; peft < 0.18 does not import with transformers 5.

@@ -1,5 +1,7 @@
 """acr-optim: robustness of neural networks to parameter corruption (Sun et al., AAAI 2021)."""
 
+from typing import TYPE_CHECKING
+
 from . import faults
 from .corruption import (
     LpCorruption,
@@ -21,6 +23,9 @@ from .faults import (
 from .optimizer import ACR
 from .penalty import penalized_loss
 from .probe import corrupted, estimate_indicator
+
+if TYPE_CHECKING:  # for type checkers and the API reference; imported lazily by __getattr__ below
+    from .integrations.hf import ACRCallback
 
 __version__ = "0.1.0"
 

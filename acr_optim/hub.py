@@ -67,11 +67,14 @@ def write_model_card(
             increase ``L(w + a) - L(w)``; each becomes a ``model-index`` entry, the corrupted ones
             with ``metric_config = "gradient-corruption p=<p> n=<n> eps=<eps>"``.  Values are
             written with 4 significant digits.
-        task_type, metric_type: hub identifiers (``"translation"``, ``"bleu"``); ``metric_name``
-            is the human-readable name (``"BLEU"``).
-        dataset_name, dataset_type, dataset_split, dataset_config: the evaluation data
-            (``dataset_type`` is a hub id where there is one); ``hub_datasets``: hub ids of the
-            training data for the ``datasets`` metadata (empty for local files).
+        task_type: hub identifier of the task (``"translation"``).
+        metric_type: hub identifier of the metric (``"bleu"``).
+        metric_name: its human-readable name (``"BLEU"``).
+        dataset_name: name of the evaluation data.
+        dataset_type: its hub id where there is one (``"local"`` for files).
+        dataset_split: the evaluated split.
+        dataset_config: the dataset's config (``"de-en"``), if any.
+        hub_datasets: hub ids of the training data for the ``datasets`` metadata (empty for local files).
         acr: ``{"eps", "p", "alpha", "n"}`` of ACR training, ``None`` for a baseline.
         training: other hyperparameters listed in the card (name -> value).
         test_result: the clean metric on the test split, a ``model-index`` entry of its own.

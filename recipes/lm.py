@@ -108,6 +108,20 @@ class LMArguments(RecipeArguments):
     )
 
 
+def load_text_splits(args: LMArguments, seed: int) -> DatasetDict:
+    """``{"text": line}`` rows of train/validation/test, from the hub, files, or the English side of the embedded
+    corpus (``_common.load_splits``)."""
+    return load_splits(
+        args,
+        load_text_file,
+        defaults={
+            split: str(EMBEDDED_DATA / f"{name}.en")
+            for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
+        },
+        seed=seed,
+    )
+
+
 def causal_lm(args: LMArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """``--model_name_or_path``, or a new model from ``--model_config`` (default :data:`TINY_GPT2`) sized to ``tokenizer``."""
     if args.model_name_or_path:
@@ -154,16 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args, training_args = parse_arguments(parser, DEFAULTS, argv)
     set_seed(training_args.seed)
 
-    # Data: {"text": line} rows, from the hub, files, or the English side of the embedded corpus.
-    raw = load_splits(
-        args,
-        load_text_file,
-        defaults={
-            split: str(EMBEDDED_DATA / f"{name}.en")
-            for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
-        },
-        seed=training_args.seed,
-    )
+    raw = load_text_splits(args, training_args.seed)
 
     # Tokenizer and model: pretrained, or from a config with a tokenizer trained on the training texts.
     if args.model_name_or_path:

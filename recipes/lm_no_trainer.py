@@ -38,16 +38,14 @@ from transformers import HfArgumentParser, PreTrainedTokenizerFast, default_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
-    EMBEDDED_DATA,
-    load_splits,
-    load_text_file,
+    apply_lora,
     parse_arguments,
     robustness_block,
     robustness_rows,
     summary,
     train_byte_level_tokenizer,
 )
-from lm import LMArguments, causal_lm, perplexity, tokenize_into_blocks
+from lm import LMArguments, causal_lm, load_text_splits, perplexity, tokenize_into_blocks
 
 from acr_optim import ACR
 from acr_optim.errors import exit_on_usage_error
@@ -211,16 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     set_seed(loop.seed)
 
-    # Data: {"text": line} rows, from the hub, files, or the English side of the embedded corpus.
-    raw = load_splits(
-        args,
-        load_text_file,
-        defaults={
-            split: str(EMBEDDED_DATA / f"{name}.en")
-            for split, name in [("train", "train"), ("validation", "valid"), ("test", "test")]
-        },
-        seed=loop.seed,
-    )
+    raw = load_text_splits(args, loop.seed)
 
     # Tokenizer and model: pretrained, or from a config with a tokenizer trained (on one process) on the training texts.
     if args.model_name_or_path or args.tokenizer_name:
@@ -231,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if accelerator.is_local_main_process:
                 train_byte_level_tokenizer(raw["train"]["text"], args.tokenizer_vocab_size).save_pretrained(output_dir)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(output_dir)
-    model = causal_lm(args, tokenizer)
+    model = apply_lora(causal_lm(args, tokenizer), args, "CAUSAL_LM")  # --lora_r: train (and corrupt) adapters
     with accelerator.main_process_first():
         data = tokenize_into_blocks(raw, tokenizer, args)
     train_loader = DataLoader(
@@ -244,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
 
     # Optimizer: ACR around AdamW (one param group: the constraint ||a||_p = eps covers the whole model).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.learning_rate, weight_decay=loop.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=loop.learning_rate, weight_decay=loop.weight_decay)
     if not args.no_acr:
         optimizer = ACR(optimizer, eps=args.acr_eps, p=args.acr_p, alpha=args.acr_alpha, n=args.acr_n)
     acr = optimizer if isinstance(optimizer, ACR) else None

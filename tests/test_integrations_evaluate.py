@@ -11,8 +11,8 @@ evaluate = pytest.importorskip("evaluate")
 
 from acr_optim.integrations import evaluate as bleu_module
 
-HYPOTHESES = ["the cat sat on the mat .", "A dog runs in the park", "hello there general kenobi", "no overlap at all"]
-REFERENCES = ["the cat sat on a mat .", "a dog is running in the park", "hello there general kenobi", "something else"]
+HYPOTHESES = ["the cat sat on the mat.", "A dog runs in the park", "hello there, general kenobi!", "no overlap at all"]
+REFERENCES = ["the cat sat on a mat.", "a dog is running in the park", "hello there, general kenobi!", "something else"]
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +31,14 @@ def test_offline_fallback_equals_sacrebleu_and_says_so_once(monkeypatch, caplog)
         scores = [bleu_module.corpus_bleu(HYPOTHESES, REFERENCES) for _ in range(2)]
     expected = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score
     assert scores == [expected, expected]
-    assert 0 < expected < 100  # neither degenerate end: case, tokenisation and smoothing all matter here
+    # sacreBLEU's defaults, which evaluate's metric keeps: case-sensitive, 13a tokenisation (both matter here)
+    assert expected != sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES], lowercase=True).score
+    assert expected != sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES], tokenize="none").score
     assert [r.getMessage() for r in caplog.records] == [
-        "BLEU: evaluate.load('sacrebleu') is not available (FileNotFoundError: Couldn't find a module script at "
-        "./sacrebleu/sacrebleu.py.); computing it with sacrebleu.corpus_bleu directly, with the same settings"
+        (
+            "BLEU: evaluate.load('sacrebleu') is not available (FileNotFoundError: Couldn't find a module script at "
+            "./sacrebleu/sacrebleu.py.); computing it with sacrebleu.corpus_bleu directly, with the same settings"
+        )
     ]
 
 

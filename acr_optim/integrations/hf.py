@@ -164,9 +164,12 @@ class ACRCallback(TrainerCallback):
     """Make a ``transformers.Trainer`` train with :class:`~acr_optim.ACR` (see the module docstring).
 
     Args:
-        eps, p, alpha, n: when ``eps`` is given, wrap the optimizer the Trainer creates (or was
-            given, if it is not already an ``ACR``) in ``ACR(optimizer, eps, p, alpha, n)``.  With
-            ``eps=None`` (default) the Trainer's optimizer must already be an ``ACR``.
+        eps: when given, wrap the optimizer the Trainer creates (or was given, if it is not
+            already an ``ACR``) in ``ACR(optimizer, eps, p, alpha, n)``.  With ``eps=None``
+            (default) the Trainer's optimizer must already be an ``ACR``.
+        p: the corruption norm of that ``ACR``.
+        alpha: its weight of the corrupted loss.
+        n: its limit on the number of corrupted parameters (``None``: all).
         per_replica: under DDP, build each process's corruption from its own gradient (no
             all-reduce before the corruption, "m-sharpness" in the SAM literature); the mixed
             gradients are still all-reduced.  Default False: corruption from the global gradient,

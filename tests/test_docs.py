@@ -1,0 +1,97 @@
+"""The documentation site: every Python snippet of its pages runs, and the strict MkDocs build passes offline
+(and fails on a broken cross-reference)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+# A ```python block runs unless the line before it is this comment (for code that needs a GPU or the hub).
+NOT_RUN = "<!-- not run -->"
+FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def snippets(page: Path) -> list[tuple[int, str]]:
+    """``(line number, code)`` of the page's runnable ``python`` blocks, in order."""
+    text = page.read_text()
+    found = []
+    for match in FENCE.finditer(text):
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        if before.strip() != NOT_RUN:
+            found.append((text.count("\n", 0, match.start()) + 2, match[1]))
+    return found
+
+
+PAGES = sorted(page for page in DOCS.rglob("*.md") if snippets(page))
+
+
+def test_the_guides_have_snippets():
+    assert {page.relative_to(DOCS).as_posix() for page in PAGES} >= {
+        "getting-started.md",
+        "guides/pytorch.md",
+        "guides/trainer.md",
+        "guides/accelerate.md",
+        "guides/peft.md",
+        "guides/probe.md",
+        "guides/faults.md",
+    }
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.relative_to(DOCS).as_posix() for page in PAGES])
+def test_page_snippets_run_in_order(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # files the snippets write land here
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for line, code in snippets(page):
+        exec(compile(code, f"{page}:{line}", "exec"), namespace)  # noqa: S102 (the page's own code)
+
+
+def _mkdocs() -> None:
+    """Skip without the ``docs`` extra, except in CI (``CI=true``), where the site must build."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("mkdocs")
+        pytest.importorskip("mkdocstrings_handlers.python")
+
+
+def _build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "mkdocs",
+        "build",
+        "--strict",
+        "--config-file",
+        str(config),
+        "--site-dir",
+        str(site),
+    ]
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def test_site_builds_in_strict_mode(tmp_path):
+    _mkdocs()
+    build = _build(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert build.returncode == 0, build.stderr[-4000:]
+    assert (tmp_path / "site" / "reference" / "optimizer" / "index.html").read_text().count("perturbed") > 0
+
+
+def test_strict_build_fails_on_a_broken_cross_reference(tmp_path):
+    _mkdocs()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("[ACR][acr_optim.ACR] and [acr_optim.ACRx][]\n\n::: acr_optim.ACR\n")
+    config = tmp_path / "mkdocs.yml"
+    plugins = (
+        f"plugins:\n  - autorefs\n  - mkdocstrings:\n      handlers:\n        python:\n          paths: [{ROOT}]\n"
+    )
+    config.write_text(f"site_name: t\ndocs_dir: {tmp_path / 'docs'}\n{plugins}")
+    build = _build(config, tmp_path / "site")
+    assert build.returncode == 1
+    assert "Could not find cross-reference target 'acr_optim.ACRx'" in build.stderr
+    assert "acr_optim.ACR'" not in build.stderr.replace("acr_optim.ACRx'", "")
