@@ -6,8 +6,9 @@ the deltas ``d = w' - w`` (same shapes and dtypes), so ``probe.corrupted(model, 
 :meth:`Fault.values` returns ``w'`` itself.  ``w + d == w'`` exactly when ``w' = 0`` or
 ``w/2 <= w' <= 2w`` (Sterbenz's lemma): always for quantization and pruning, for casts unless a value
 saturates, for mantissa flips; a flip that moves a weight further (sign, exponent) gives ``d = w' - w``
-rounded once, and ``w + d`` may then miss ``w'`` in the last bits (``w = 3`` flipped to ``3 * 2**-64``
-comes back as 0).  :func:`~acr_optim.probe.probe` therefore writes the faulty values themselves.
+rounded once, and ``w + d`` may then miss ``w'`` (``w = 3`` with its top exponent bit cleared is the
+subnormal ``w' = 5.9e-39``, but ``w + d`` is 0).  :func:`~acr_optim.probe.probe` therefore writes
+the faulty values themselves.
 
 - :func:`quantization_error`: symmetric round-to-nearest to ``b`` bits per block (the tensor, each
   output row, or groups of ``G`` consecutive inputs of a row), torchao's ``MappingType.SYMMETRIC``:
@@ -42,6 +43,11 @@ __all__ = [
     "Fault",
     "bit_flip_error",
     "cast_error",
+    "check_bits",
+    "check_cast_dtype",
+    "check_format",
+    "check_granularity",
+    "check_rate_count",
     "parse_fault",
     "pruning_error",
     "quantization_error",
@@ -366,8 +372,8 @@ def _flipped(
     device = tensors[0].device if tensors else torch.device("cpu")
     if rate is not None:  # every stored bit flips independently: Binomial(S, rate) flips in distinct bit slots
         offsets = _offsets([w.numel() * len(pos) for w, pos in zip(tensors, positions)])
-        total = torch.tensor(float(offsets[-1]), dtype=torch.float64)
-        k = int(torch.binomial(total, torch.tensor(rate, dtype=torch.float64), generator=generator))
+        total = torch.tensor(float(offsets[-1]), dtype=torch.float64, device=device)
+        k = int(torch.binomial(total, torch.full_like(total, rate), generator=generator))
         slots = _split(_distinct(offsets[-1], k, generator, device), offsets)
         return [
             _write_flips(s, slot // len(pos), v.to(device)[slot % len(pos)])
@@ -427,7 +433,7 @@ def _highest_bit(x: Tensor) -> Tensor:
     return (y.view(torch.int64 if wide else torch.int32) & exponent).view(y.dtype).to(x.dtype)
 
 
-_CHUNK = 1 << 20  # weights scored at a time: bounds the scratch memory of worst_bit_flips
+_CHUNK = 1 << 18  # weights scored at a time: bounds the scratch memory of worst_bit_flips and keeps it in cache
 
 
 def _candidates(c: Tensor, layout: _Layout, positions: list[int], lowest: bool) -> list[Tensor]:

@@ -35,6 +35,7 @@ SPECS = [
     "flips:1000",
     "flip-worst:1000",
     "flip-worst:1000:mantissa",
+    "flip-worst:1000:int8",
     "prune:0.5",
     "prune:0.9:tensor",
 ]
