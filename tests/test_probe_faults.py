@@ -110,6 +110,27 @@ def test_int8_quantizes_gpt2_conv1d_per_output_channel(gpt2):
     assert torch.equal(faulty, codes.float() * scale) and codes.abs().max() <= 128
 
 
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_error_while_faulty_weights_are_in_place_restores_the_model(gpt2, error):
+    model, batches = gpt2
+    before = {k: bits(v) for k, v in model.named_parameters()}
+    faulty_seen = []
+
+    def failing(m, batch):
+        faulty = not torch.equal(
+            bits(m.transformer.h[0].attn.c_attn.weight), before["transformer.h.0.attn.c_attn.weight"]
+        )
+        faulty_seen.append(faulty)
+        if faulty and len(faulty_seen) > 6:
+            raise error("injected")
+        return m(**batch).loss
+
+    with pytest.raises(error, match="injected"):
+        probe(model, batches, faults=["int4:g8", "flip:1e-2"], by="layer", trials=3, loss_fn=failing)
+    assert faulty_seen[-1]
+    assert all(torch.equal(bits(p), before[k]) for k, p in model.named_parameters())
+
+
 def test_a_fault_that_breaks_the_model_is_reported_as_inf_not_raised():
     model = nn.Linear(2, 2)
     with torch.no_grad():
