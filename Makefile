@@ -2,7 +2,9 @@
 #   make demo   - install into .venv, then run the De-En ACR recipe on its embedded default
 #   make test   - install into .venv, then run the test suite
 # and, for CI after `make test`:
-#   make test-oldest - the Trainer and PEFT integration tests against the oldest releases pyproject.toml accepts
+#   make test-oldest - the Trainer and PEFT integration tests against the oldest releases pyproject.toml accepts,
+#                      and the torchao cross-check of the fault models (the quant extra, kept out of .venv: an
+#                      installed torchao makes every transformers import print load errors)
 # and `make docs` builds the documentation site (mkdocs.yml) into site/, as tests/test_docs.py does.
 PYTHON ?= python3
 VENV := .venv
@@ -42,8 +44,9 @@ OLDEST_VENV := .venv-oldest
 $(OLDEST_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install --quiet torch==2.13.0 || $(OLDEST_VENV)/bin/pip install --quiet torch
-	$(OLDEST_VENV)/bin/pip install --quiet -e ".[hf,test]" $(OLDEST)
+	$(OLDEST_VENV)/bin/pip install --quiet -e ".[hf,test,quant]" $(OLDEST)
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -m pytest -q tests/test_hf_callback.py tests/test_peft.py -k "not recipe"
+	$(OLDEST_VENV)/bin/python -m pytest -q tests/test_faults.py -k torchao

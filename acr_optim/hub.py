@@ -8,6 +8,7 @@ configuration, the robustness table, intended use and the paper citation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ def write_model_card(
     description: str = "",
     intended_use: str = _DEFAULT_INTENDED_USE,
     training: Mapping[str, Any] | None = None,
+    faults: Sequence[tuple[str, str, float, float]] = (),
     test_result: float | None = None,
     usage: str | None = None,
     template_path: str | Path = DEFAULT_TEMPLATE,
@@ -66,7 +68,8 @@ def write_model_card(
             (``p = corruption_p``, at most ``corruption_n`` parameters), with the measured loss
             increase ``L(w + a) - L(w)``; each becomes a ``model-index`` entry, the corrupted ones
             with ``metric_config = "gradient-corruption p=<p> n=<n> eps=<eps>"``.  Values are
-            written with 4 significant digits.
+            written with 4 significant digits; non-finite ones (a broken model's perplexity) appear
+            in the card's tables only.
         task_type: hub identifier of the task (``"translation"``).
         metric_type: hub identifier of the metric (``"bleu"``).
         metric_name: its human-readable name (``"BLEU"``).
@@ -77,6 +80,9 @@ def write_model_card(
         hub_datasets: hub ids of the training data for the ``datasets`` metadata (empty for local files).
         acr: ``{"eps", "p", "alpha", "n"}`` of ACR training, ``None`` for a baseline.
         training: other hyperparameters listed in the card (name -> value).
+        faults: ``[(spec, label, value, loss_increase)]``: the metric under real-world faults of
+            :mod:`acr_optim.faults` (``("int4:g32", "int4 weights, group 32", ...)``), each a
+            ``model-index`` entry named ``"<metric_name> (<label>)"`` with ``metric_config = "fault <spec>"``.
         test_result: the clean metric on the test split, a ``model-index`` entry of its own.
         usage: Python code that loads and runs the model, shown under "How to use".
     """
@@ -114,6 +120,9 @@ def write_model_card(
                 f"gradient-corruption p={corruption_p:g} n={n_label} eps={eps:g}",
             )
         )
+    for spec, label, value, _ in faults:
+        eval_results.append(result(value, f"{metric_name} ({label})", f"fault {spec}"))
+    eval_results = [r for r in eval_results if math.isfinite(r.metric_value)]  # the hub takes numbers only
     card_data = ModelCardData(
         model_name=model_name,
         base_model=base_model,
@@ -137,6 +146,7 @@ def write_model_card(
         corruption_p=f"{corruption_p:g}",
         corruption_n=corruption_n,
         results=list(results),
+        faults=list(faults),
         test_result=test_result,
         training={k: significant(v) if isinstance(v, float) else v for k, v in (training or {}).items()},
         usage=usage,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch.utils.data import DataLoader
@@ -23,10 +24,11 @@ from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n, check_p
 from acr_optim.data import check_local_path, load_files
 from acr_optim.errors import UsageError
+from acr_optim.faults import parse_fault
 from acr_optim.hub import write_model_card
 from acr_optim.integrations.hf import ACRCallback
 from acr_optim.optimizer import check_alpha
-from acr_optim.probe import corrupted, probe
+from acr_optim.probe import probe
 
 RECIPES = Path(__file__).resolve().parent
 EMBEDDED_DATA = RECIPES / "data" / "de_en_small"
@@ -87,6 +89,13 @@ class RecipeArguments:
     )
     corruption_eval_p: float = field(default=2.0, metadata={"help": "L_p norm of the evaluation corruption."})
     corruption_eval_n: int | None = field(default=None, metadata={"help": "L0 limit of the evaluation corruption."})
+    corruption_eval_faults: list[str] = field(
+        default_factory=lambda: ["int8", "int4:g32", "bf16", "fp8_e4m3", "flip:1e-6:int8", "prune:0.5"],
+        metadata={
+            "help": "Real-world faults the final model is evaluated under (acr_optim.faults specs: int8, int4:g32, "
+            "bf16, fp8_e4m3, flip:1e-6, flips:10:int8, flip-worst:10, prune:0.5, ...); 'none' for none."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_eps(self.acr_eps, name="--acr_eps")
@@ -97,6 +106,10 @@ class RecipeArguments:
             check_eps(eps, name="--corruption_eval_eps")
         check_p(self.corruption_eval_p, name="--corruption_eval_p")
         check_n(self.corruption_eval_n, name="--corruption_eval_n")
+        if self.corruption_eval_faults == ["none"]:
+            self.corruption_eval_faults = []
+        for spec in self.corruption_eval_faults:
+            parse_fault(spec)
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
         if self.lora_alpha <= 0:
@@ -244,18 +257,18 @@ def train_byte_level_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrai
 
 
 def local_tokenizer(
-    training_args: TrainingArguments,
+    output_dir: str | Path,
     train: Callable[[Iterable[str], int], PreTrainedTokenizerFast],
     texts: Sequence[str],
     vocab_size: int,
 ) -> PreTrainedTokenizerFast:
-    """Train a tokenizer on the main process, save it in ``output_dir`` (where the model goes) and load it
+    """Train a tokenizer on the local main process, save it in ``output_dir`` (where the model goes) and load it
     everywhere, so that every process of a multi-process run uses the same vocabulary."""
-    folder = Path(training_args.output_dir)
-    with training_args.main_process_first(desc="training the tokenizer"):
-        if training_args.local_process_index == 0:
-            train(texts, vocab_size).save_pretrained(folder)
-        return PreTrainedTokenizerFast.from_pretrained(folder)
+    state = PartialState()
+    with state.local_main_process_first():
+        if state.is_local_main_process:
+            train(texts, vocab_size).save_pretrained(output_dir)
+        return PreTrainedTokenizerFast.from_pretrained(output_dir)
 
 
 # -- ACR -----------------------------------------------------------------------------------------
@@ -303,53 +316,81 @@ def apply_lora(model: torch.nn.Module, args: RecipeArguments, task_type: str) ->
 # -- robustness ----------------------------------------------------------------------------------
 
 
-def evaluate_under_corruption(
-    trainer: Trainer, dataset: Dataset, args: RecipeArguments, metric_key_prefix: str = "eval"
+def evaluation_batches(dataset: Dataset, batch_size: int, collate_fn: Callable, device: Any) -> list[dict[str, Any]]:
+    """``dataset`` as a list of collated batches on ``device`` (the whole set, on every process)."""
+    return [
+        {k: v.to(device) for k, v in batch.items()} for batch in DataLoader(dataset, batch_size, collate_fn=collate_fn)
+    ]
+
+
+def trainer_evaluation(trainer: Trainer, dataset: Dataset) -> Callable[[], dict[str, float]]:
+    """``trainer.evaluate(dataset)`` as a function returning its metrics without prefix and without timings."""
+
+    def evaluate() -> dict[str, float]:
+        metrics = trainer.evaluate(dataset, metric_key_prefix="m")
+        return {
+            k.removeprefix("m_"): v
+            for k, v in metrics.items()
+            if k.startswith("m_") and not k.endswith(("_runtime", "_per_second"))
+        }
+
+    return evaluate
+
+
+def evaluate_robustness(
+    model: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    evaluate: Callable[[], dict[str, float]],
+    args: RecipeArguments,
+    *,
+    log: bool,
+    metric_key_prefix: str = "eval",
 ) -> dict[str, float]:
-    """The Trainer's evaluation of ``dataset`` at ``w + a`` for each ``eps`` of ``--corruption_eval_eps``.
+    """``evaluate()`` on the clean model, at ``w + a`` for each ``--corruption_eval_eps``, and under each
+    ``--corruption_eval_faults`` fault, from ONE :func:`acr_optim.probe.probe` call.
 
     ``a`` is the gradient-based corruption (paper Eq. 10) in ``{||a||_p = eps, ||a||_0 <= n}`` built
-    from ONE gradient of the mean loss over ``dataset`` (dropout off) for the whole sweep, by
-    :func:`acr_optim.probe.probe` on every process over the whole dataset, so all processes apply
-    the same ``a``.  The weights are restored bit-exactly after each evaluation; the main process
-    prints a line per evaluation with its time.
+    from one gradient of the mean loss over ``batches`` (dropout off; the whole set on every
+    process, so all processes apply the same ``a``) for the whole sweep; a fault writes the faulty
+    weights themselves (one draw of a random fault, from seed 0, so every run meets the same flips).
+    The weights come back bit-exactly after each evaluation.  With ``log``, a line per evaluation
+    with its time.
 
-    Returns ``{f"{prefix}_corrupted_eps_{eps}_{key}": value}`` for each metric of the evaluation,
-    plus ``..._loss_increase`` (the measured ``L(w + a) - L(w)``, the corruption indicator).
+    Returns ``{prefix}_{key}`` (clean), ``{prefix}_corrupted_eps_{eps}_{key}`` and
+    ``{prefix}_fault_{spec}_{key}`` for each ``key`` of ``evaluate()``, plus ``..._loss_increase``
+    (the measured ``L(w') - L(w)``) for each corruption and ``..._norm_inf``/``..._broken`` for faults.
     """
-    model = trainer.model
-    loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
-    device = trainer.args.device
-    batches = [{k: v.to(device) for k, v in batch.items()} for batch in loader]
-    results: dict[str, float] = {}
-    finished: list[float] = []
-    total, start = len(args.corruption_eval_eps), time.perf_counter()
+    labels = ["clean", *(f"eps {eps:g}" for eps in args.corruption_eval_eps), *args.corruption_eval_faults]
+    calls: list[dict[str, float]] = []
+    start = time.perf_counter()
 
-    def evaluate(row: dict[str, Any], a: dict[str, torch.Tensor]) -> None:
-        prefix = f"{metric_key_prefix}_corrupted_eps_{row['eps']:g}"
-        with corrupted(model, a):
-            metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
-        metrics[f"{prefix}_loss_increase"] = row["delta_loss"]
-        results.update({k: v for k, v in metrics.items() if not k.endswith(("_runtime", "per_second"))})
-        finished.append(row["eps"])
-        if trainer.is_world_process_zero():
-            print(
-                f"corrupted evaluation {len(finished)}/{total}: eps {row['eps']:g}, loss increase "
-                f"{row['delta_loss']:.3f} "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+    def metric_fn(model: torch.nn.Module, batches: Sequence[Any]) -> dict[str, float]:
+        calls.append(evaluate())
+        if log:
+            label = labels[len(calls) - 1] if len(calls) <= len(labels) else "extra draw"
+            print(f"evaluation {len(calls)}/{len(labels)} ({label}): {time.perf_counter() - start:.0f} s", flush=True)
+        return calls[-1]
 
-    probe(
+    table = probe(
         model,
         batches,
-        eps=args.corruption_eval_eps,
+        eps=args.corruption_eval_eps or None,
         p=args.corruption_eval_p,
         n=args.corruption_eval_n,
         method="gradient",
+        faults=args.corruption_eval_faults,
         by="all",
-        on_corruption=evaluate,
+        metric_fn=metric_fn,
     )
+    keys = list(calls[0])
+    results = {f"{metric_key_prefix}_{key}": table.rows[0][f"{key}_clean"] for key in keys}
+    for row in table.rows:
+        name = f"corrupted_eps_{row['eps']:g}" if row["eps"] is not None else f"fault_{row['method']}"
+        prefix = f"{metric_key_prefix}_{name}"
+        results |= {f"{prefix}_{key}": row[key] for key in keys}
+        results[f"{prefix}_loss_increase"] = row["delta_loss"]
+        if row["eps"] is None:
+            results |= {f"{prefix}_norm_inf": row["norm_inf"], f"{prefix}_broken": row["broken"]}
     return results
 
 
@@ -365,21 +406,58 @@ def robustness_rows(
     return rows
 
 
-def robustness_block(rows: Sequence[tuple[float, float, float]], metric: str, args: RecipeArguments) -> dict[str, Any]:
-    """The ``robustness`` entry of ``all_results.json``: the corruption's ``p``/``n`` and one row per ``eps``."""
+def fault_rows(
+    metrics: dict[str, float], metric: str, args: RecipeArguments, metric_key_prefix: str = "eval"
+) -> list[tuple[str, str, float, float]]:
+    """``[(spec, label, value of metric, loss increase)]`` for each ``--corruption_eval_faults`` fault."""
+    rows = []
+    for spec in args.corruption_eval_faults:
+        prefix = f"{metric_key_prefix}_fault_{spec}"
+        rows.append((spec, parse_fault(spec).label, metrics[f"{prefix}_{metric}"], metrics[f"{prefix}_loss_increase"]))
+    return rows
+
+
+def robustness_block(
+    rows: Sequence[tuple[float, float, float]],
+    faults: Sequence[tuple[str, str, float, float]],
+    metric: str,
+    args: RecipeArguments,
+) -> dict[str, Any]:
+    """The ``robustness`` entry of ``all_results.json``: the corruption's ``p``/``n``, one row per ``eps``
+    and one per fault."""
     return {
         "metric": metric,
         "p": args.corruption_eval_p,
         "n": args.corruption_eval_n,
         "rows": [{"eps": eps, metric: value, "loss_increase": increase} for eps, value, increase in rows],
+        "faults": [
+            {"fault": spec, "label": label, metric: value, "loss_increase": increase}
+            for spec, label, value, increase in faults
+        ],
+    }
+
+
+def trainer_training(trainer: Trainer) -> dict[str, Any]:
+    """The hyperparameters and the steps and epochs actually run, for the model card of a Trainer run."""
+    training_args = trainer.args
+    return {
+        "learning_rate": training_args.learning_rate,
+        "optimizer_steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 2),
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "seed": training_args.seed,
     }
 
 
 def write_card(
-    trainer: Trainer,
+    output_dir: str,
+    model: torch.nn.Module,
     args: RecipeArguments,
     rows: Sequence[tuple[float, float, float]],
+    faults: Sequence[tuple[str, str, float, float]],
     *,
+    training: dict[str, Any],
     what: str,
     local_dataset: str,
     task_type: str,
@@ -388,24 +466,23 @@ def write_card(
     language: str | list[str],
     usage: str,
     test_result: float | None = None,
-    training: dict[str, Any] | None = None,
 ) -> None:
     """``output_dir/README.md``: the model card of the run (see :func:`acr_optim.hub.write_model_card`);
-    ``usage`` is code loading the model, with ``{path}`` standing for its folder or hub id."""
-    training_args, model = trainer.args, trainer.model
+    ``usage`` is code loading the model, with ``{path}`` standing for its folder."""
     on_hub = bool(args.dataset_name)
     dataset = args.dataset_name or (local_dataset if not args.train_file else Path(args.train_file).parent.name)
     write_model_card(
-        training_args.output_dir,
-        model_name=Path(training_args.output_dir).name,
+        output_dir,
+        model_name=Path(output_dir).name,
         description=f"{what} ({type(model).__name__}, {model.num_parameters():,} parameters), "
         f"trained on {dataset}, {args.training_kind}.",
         task_type=task_type,
         metric_type=metric_type,
         metric_name=metric_name,
         results=rows,
+        faults=faults,
         test_result=test_result,
-        usage=usage.replace("{path}", training_args.hub_model_id or training_args.output_dir),
+        usage=usage.replace("{path}", str(output_dir)),
         dataset_name=dataset,
         dataset_type=dataset if on_hub else "local",
         dataset_config=args.dataset_config_name,
@@ -415,22 +492,20 @@ def write_card(
         acr=args.acr_config,
         base_model=args.model_name_or_path,
         language=language,
-        training={
-            "learning_rate": training_args.learning_rate,
-            "optimizer_steps": trainer.state.global_step,
-            "epochs": round(trainer.state.epoch or 0.0, 2),
-            "per_device_train_batch_size": training_args.per_device_train_batch_size,
-            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-            "seed": training_args.seed,
-        }
-        | (training or {}),
+        training=training,
     )
 
 
 def summary(
-    title: str, lines: Sequence[str], rows: Sequence[tuple[float, float, float]], metric: str, args: RecipeArguments
+    title: str,
+    lines: Sequence[str],
+    rows: Sequence[tuple[float, float, float]],
+    faults: Sequence[tuple[str, str, float, float]],
+    metric: str,
+    args: RecipeArguments,
 ) -> str:
-    """A short human-readable report: the run, then the metric and the loss increase clean and under each corruption."""
+    """A short human-readable report: the run, then the metric and the loss increase clean, under each
+    corruption and under each fault."""
     n = "all" if args.corruption_eval_n is None else f"{args.corruption_eval_n:,}"
     width = max(len(title), 60)
     out = [
@@ -445,5 +520,8 @@ def summary(
     for eps, value, increase in rows:
         label = "clean" if eps == 0 else f"eps = {eps:g}"
         out.append(f"  {label:<14} {value:10.2f} {increase:15.3f}")
+    if faults:
+        out += ["", "Under real-world faults of the weights:"]
+        out += [f"  {spec:<14} {value:10.2f} {increase:15.3f}   {label}" for spec, label, value, increase in faults]
     out.append("=" * width)
     return "\n".join(out)

@@ -53,7 +53,9 @@ from _common import (
     RecipeArguments,
     acr_optimizer,
     apply_lora,
-    evaluate_under_corruption,
+    evaluate_robustness,
+    evaluation_batches,
+    fault_rows,
     load_splits,
     local_tokenizer,
     parse_arguments,
@@ -61,6 +63,8 @@ from _common import (
     robustness_rows,
     summary,
     train_sentencepiece_style_tokenizer,
+    trainer_evaluation,
+    trainer_training,
     write_card,
 )
 
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else:
             texts = [t for pair in raw["train"]["translation"] for t in (pair[src], pair[tgt])]
             tokenizer = local_tokenizer(
-                training_args, train_sentencepiece_style_tokenizer, texts, args.tokenizer_vocab_size
+                training_args.output_dir, train_sentencepiece_style_tokenizer, texts, args.tokenizer_vocab_size
             )
         config = AutoConfig.from_pretrained(args.model_config) if args.model_config else MarianConfig(**TINY_MARIAN)
         model = AutoModelForSeq2SeqLM.from_config(fit_to_tokenizer(config, tokenizer))
@@ -217,13 +221,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
 
-    # Evaluation: BLEU clean, then under gradient-based corruption of the weights.
-    metrics = trainer.evaluate(metric_key_prefix="eval")
-    metrics.update(evaluate_under_corruption(trainer, data["validation"], args))
+    # Evaluation: BLEU clean, under gradient-based corruption of the weights, and under real-world faults.
+    batches = evaluation_batches(
+        data["validation"], training_args.per_device_eval_batch_size, trainer.data_collator, training_args.device
+    )
+    evaluate = trainer_evaluation(trainer, data["validation"])
+    metrics = evaluate_robustness(trainer.model, batches, evaluate, args, log=trainer.is_world_process_zero())
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
-    rows = robustness_rows(metrics, "bleu", args)
-    trainer.save_metrics("robustness", {"robustness": robustness_block(rows, "bleu", args)})
+    rows, faults = robustness_rows(metrics, "bleu", args), fault_rows(metrics, "bleu", args)
+    trainer.save_metrics("robustness", {"robustness": robustness_block(rows, faults, "bleu", args)})
     if "test" in data:
         test_metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
         trainer.log_metrics("test", test_metrics)
@@ -232,9 +239,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if trainer.is_world_process_zero():
         write_card(
-            trainer,
+            training_args.output_dir,
+            model,
             args,
             rows,
+            faults,
+            training=trainer_training(trainer),
             what=f"A {src} -> {tgt} translation model",
             local_dataset="de_en_small",
             task_type="translation",
@@ -254,7 +264,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         lines.append(f"results:  {training_args.output_dir}")
         print(
             summary(
-                f"De -> En translation, validation BLEU ({len(data['validation'])} pairs)", lines, rows, "BLEU", args
+                f"De -> En translation, validation BLEU ({len(data['validation'])} pairs)",
+                lines,
+                rows,
+                faults,
+                "BLEU",
+                args,
             )
         )
     return metrics

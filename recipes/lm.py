@@ -50,7 +50,9 @@ from _common import (
     acr_optimizer,
     apply_lora,
     describe_split,
-    evaluate_under_corruption,
+    evaluate_robustness,
+    evaluation_batches,
+    fault_rows,
     load_splits,
     load_text_file,
     local_tokenizer,
@@ -59,6 +61,8 @@ from _common import (
     robustness_rows,
     summary,
     train_byte_level_tokenizer,
+    trainer_evaluation,
+    trainer_training,
     write_card,
 )
 
@@ -122,6 +126,15 @@ def load_text_splits(args: LMArguments, seed: int) -> DatasetDict:
     )
 
 
+def lm_tokenizer(args: LMArguments, output_dir: str | Path, raw: DatasetDict) -> PreTrainedTokenizerBase:
+    """``--tokenizer_name``'s or ``--model_name_or_path``'s tokenizer, else a byte-level BPE trained on the
+    training texts and saved in ``output_dir``."""
+    if args.tokenizer_name or args.model_name_or_path:
+        what = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+        return load_tokenizer(args.tokenizer_name or args.model_name_or_path, what)
+    return local_tokenizer(output_dir, train_byte_level_tokenizer, raw["train"]["text"], args.tokenizer_vocab_size)
+
+
 def causal_lm(args: LMArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """``--model_name_or_path``, or a new model from ``--model_config`` (default :data:`TINY_GPT2`) sized to ``tokenizer``."""
     if args.model_name_or_path:
@@ -171,14 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     raw = load_text_splits(args, training_args.seed)
 
     # Tokenizer and model: pretrained, or from a config with a tokenizer trained on the training texts.
-    if args.model_name_or_path:
-        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "--model_name_or_path")
-    elif args.tokenizer_name:
-        tokenizer = load_tokenizer(args.tokenizer_name, "--tokenizer_name")
-    else:
-        tokenizer = local_tokenizer(
-            training_args, train_byte_level_tokenizer, raw["train"]["text"], args.tokenizer_vocab_size
-        )
+    tokenizer = lm_tokenizer(args, training_args.output_dir, raw)
     model = apply_lora(causal_lm(args, tokenizer), args, "CAUSAL_LM")
     with training_args.main_process_first(desc="tokenizing"):
         data = tokenize_into_blocks(raw, tokenizer, args)
@@ -202,15 +208,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
 
-    # Evaluation: perplexity clean, then under gradient-based corruption of the weights.
-    metrics = trainer.evaluate(metric_key_prefix="eval")
-    metrics.update(evaluate_under_corruption(trainer, data["validation"], args))
-    for prefix in ["eval"] + [f"eval_corrupted_eps_{eps:g}" for eps in args.corruption_eval_eps]:
-        metrics[f"{prefix}_perplexity"] = perplexity(metrics[f"{prefix}_loss"])
+    # Evaluation: perplexity clean, under gradient-based corruption of the weights, and under real-world faults.
+    batches = evaluation_batches(
+        data["validation"], training_args.per_device_eval_batch_size, default_data_collator, training_args.device
+    )
+    trainer_metrics = trainer_evaluation(trainer, data["validation"])
+
+    def evaluate() -> dict[str, float]:
+        metrics = trainer_metrics()
+        return metrics | {"perplexity": perplexity(metrics["loss"])}
+
+    metrics = evaluate_robustness(trainer.model, batches, evaluate, args, log=trainer.is_world_process_zero())
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
-    rows = robustness_rows(metrics, "perplexity", args)
-    trainer.save_metrics("robustness", {"robustness": robustness_block(rows, "perplexity", args)})
+    rows, faults = robustness_rows(metrics, "perplexity", args), fault_rows(metrics, "perplexity", args)
+    trainer.save_metrics("robustness", {"robustness": robustness_block(rows, faults, "perplexity", args)})
     if "test" in data and len(data["test"]):
         test_metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
         test_metrics["test_perplexity"] = perplexity(test_metrics["test_loss"])
@@ -220,9 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if trainer.is_world_process_zero():
         write_card(
-            trainer,
+            training_args.output_dir,
+            model,
             args,
             rows,
+            faults,
+            training=trainer_training(trainer) | {"block_size": block_size},
             what="A causal language model",
             local_dataset="de_en_small (English side)",
             task_type="text-generation",
@@ -231,7 +246,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             language="en",
             usage=USAGE.replace("{example}", " ".join(raw["validation"][0]["text"].split()[:4]).replace('"', "'")),
             test_result=metrics.get("test_perplexity"),
-            training={"block_size": block_size},
         )
         lines = [
             (
@@ -245,7 +259,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         lines.append(f"results:  {training_args.output_dir}")
         print(
             summary(
-                f"Causal LM, validation perplexity ({len(data['validation'])} blocks)", lines, rows, "Perplexity", args
+                f"Causal LM, validation perplexity ({len(data['validation'])} blocks)",
+                lines,
+                rows,
+                faults,
+                "Perplexity",
+                args,
             )
         )
     return metrics

@@ -16,8 +16,7 @@ with ``(1 - alpha) g(w) + alpha g(w + a)`` in ``.grad``; then clip and step as u
 
 Data and model options are ``lm.py``'s (``--train_file``, ``--model_name_or_path``, ``--acr_eps``,
 ``--corruption_eval_eps``, ...); the loop's own are in :class:`LoopArguments`.  Unlike ``lm.py``,
-the corrupted pass draws fresh dropout masks (``ACRCallback`` replays the clean pass's masks), and
-no model card is written.
+the corrupted pass draws fresh dropout masks (``ACRCallback`` replays the clean pass's masks).
 """
 
 from __future__ import annotations
@@ -34,23 +33,24 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser, PreTrainedTokenizerFast, default_data_collator, get_scheduler, set_seed
+from transformers import HfArgumentParser, default_data_collator, get_scheduler, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     apply_lora,
+    evaluate_robustness,
+    evaluation_batches,
+    fault_rows,
     parse_arguments,
     robustness_block,
     robustness_rows,
     summary,
-    train_byte_level_tokenizer,
+    write_card,
 )
-from lm import LMArguments, causal_lm, load_text_splits, perplexity, tokenize_into_blocks
+from lm import USAGE, LMArguments, causal_lm, lm_tokenizer, load_text_splits, perplexity, tokenize_into_blocks
 
 from acr_optim import ACR
 from acr_optim.errors import exit_on_usage_error
-from acr_optim.integrations.models import load_tokenizer
-from acr_optim.probe import corrupted, probe
 
 
 @dataclass
@@ -122,49 +122,6 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, accelerator: Accel
     return torch.cat(losses).mean().item()
 
 
-def evaluate_under_corruption(
-    model: torch.nn.Module,
-    batches: list[dict[str, torch.Tensor]],
-    evaluate: Any,
-    args: LMArguments,
-    is_main_process: bool,
-    metric_key_prefix: str = "eval",
-) -> dict[str, float]:
-    """``evaluate(prefix)`` at ``w + a`` for each ``eps`` of ``--corruption_eval_eps``, as ``_common``'s.
-
-    ``a`` is the gradient-based corruption (paper Eq. 10) in ``{||a||_p = eps, ||a||_0 <= n}`` from ONE
-    gradient of the mean loss over ``batches`` (the whole set, on every process, so all apply the same
-    ``a``), by :func:`acr_optim.probe.probe`; ``w`` comes back bit-exactly after each evaluation.
-    Returns ``evaluate``'s metrics plus ``{prefix}_loss_increase``, the measured ``L(w + a) - L(w)``.
-    """
-    results: dict[str, float] = {}
-    start = time.perf_counter()
-
-    def on_corruption(row: dict[str, Any], a: dict[str, torch.Tensor]) -> None:
-        prefix = f"{metric_key_prefix}_corrupted_eps_{row['eps']:g}"
-        with corrupted(model, a):
-            results.update(evaluate(prefix))
-        results[f"{prefix}_loss_increase"] = row["delta_loss"]
-        if is_main_process:
-            print(
-                f"corrupted evaluation: eps {row['eps']:g}, loss increase {row['delta_loss']:.3f} "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-
-    probe(
-        model,
-        batches,
-        eps=args.corruption_eval_eps,
-        p=args.corruption_eval_p,
-        n=args.corruption_eval_n,
-        method="gradient",
-        by="all",
-        on_corruption=on_corruption,
-    )
-    return results
-
-
 def save_metrics(output_dir: Path, split: str, metrics: dict[str, Any]) -> None:
     """``{split}_results.json``, merged into ``all_results.json``, as ``Trainer.save_metrics`` writes them."""
     (output_dir / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True))
@@ -212,14 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     raw = load_text_splits(args, loop.seed)
 
     # Tokenizer and model: pretrained, or from a config with a tokenizer trained (on one process) on the training texts.
-    if args.model_name_or_path or args.tokenizer_name:
-        what = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
-        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, what)
-    else:
-        with accelerator.local_main_process_first():
-            if accelerator.is_local_main_process:
-                train_byte_level_tokenizer(raw["train"]["text"], args.tokenizer_vocab_size).save_pretrained(output_dir)
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(output_dir)
+    tokenizer = lm_tokenizer(args, output_dir, raw)
     model = apply_lora(causal_lm(args, tokenizer), args, "CAUSAL_LM")  # --lora_r: train (and corrupt) adapters
     with accelerator.main_process_first():
         data = tokenize_into_blocks(raw, tokenizer, args)
@@ -318,31 +268,53 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenizer.save_pretrained(output_dir)
         save_metrics(output_dir, "train", train_metrics)
 
-    # Evaluation: perplexity clean, then under gradient-based corruption of the weights.
-    def evaluate(split: str, prefix: str) -> dict[str, float]:
+    # Evaluation: perplexity clean, under gradient-based corruption of the weights, and under real-world faults.
+    def evaluate(split: str) -> dict[str, float]:
         loss = evaluate_loss(model, eval_loaders[split], accelerator)
-        return {f"{prefix}_loss": loss, f"{prefix}_perplexity": perplexity(loss)}
+        return {"loss": loss, "perplexity": perplexity(loss)}
 
-    whole_validation = DataLoader(
-        data["validation"], batch_size=loop.per_device_eval_batch_size, collate_fn=default_data_collator
+    batches = evaluation_batches(
+        data["validation"], loop.per_device_eval_batch_size, default_data_collator, accelerator.device
     )
-    metrics = evaluate("validation", "eval")
-    metrics |= evaluate_under_corruption(
-        unwrapped,
-        [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in whole_validation],
-        lambda prefix: evaluate("validation", prefix),
-        args,
-        accelerator.is_main_process,
+    metrics = evaluate_robustness(
+        unwrapped, batches, lambda: evaluate("validation"), args, log=accelerator.is_main_process
     )
-    rows = robustness_rows(metrics, "perplexity", args)
+    rows, faults = robustness_rows(metrics, "perplexity", args), fault_rows(metrics, "perplexity", args)
     if "test" in eval_loaders:
-        metrics |= evaluate("test", "test")
+        metrics |= {f"test_{k}": v for k, v in evaluate("test").items()}
     accelerator.end_training()
     if accelerator.is_main_process:
         save_metrics(output_dir, "eval", {k: v for k, v in metrics.items() if not k.startswith("test_")})
-        save_metrics(output_dir, "robustness", {"robustness": robustness_block(rows, "perplexity", args)})
+        save_metrics(output_dir, "robustness", {"robustness": robustness_block(rows, faults, "perplexity", args)})
         if "test_loss" in metrics:
             save_metrics(output_dir, "test", {k: v for k, v in metrics.items() if k.startswith("test_")})
+        training = {
+            "learning_rate": loop.learning_rate,
+            "optimizer_steps": progress.step,
+            "epochs": round(train_metrics["epoch"], 2),
+            "per_device_train_batch_size": loop.per_device_train_batch_size,
+            "gradient_accumulation_steps": loop.gradient_accumulation_steps,
+            "processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "seed": loop.seed,
+            "block_size": args.block_size,
+        }
+        write_card(
+            str(output_dir),
+            unwrapped,
+            args,
+            rows,
+            faults,
+            training=training,
+            what="A causal language model (trained in a plain accelerate loop)",
+            local_dataset="de_en_small (English side)",
+            task_type="text-generation",
+            metric_type="perplexity",
+            metric_name="Perplexity",
+            language="en",
+            usage=USAGE.replace("{example}", " ".join(raw["validation"][0]["text"].split()[:4]).replace('"', "'")),
+            test_result=metrics.get("test_perplexity"),
+        )
         lines = [
             (
                 f"training: {args.training_kind}, {len(data['train']):,} blocks of {args.block_size} tokens, "
@@ -355,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             lines.append(f"test perplexity: {metrics['test_perplexity']:.2f}")
         lines.append(f"results:  {output_dir}")
         title = f"Causal LM (accelerate loop), validation perplexity ({len(data['validation'])} blocks)"
-        print(summary(title, lines, rows, "Perplexity", args))
+        print(summary(title, lines, rows, faults, "Perplexity", args))
     return metrics | train_metrics
 
 

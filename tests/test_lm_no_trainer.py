@@ -45,7 +45,7 @@ def arguments(output_dir: Path, model_config: Path, batch: int, accumulation: in
         "--max_train_samples", "200", "--max_eval_samples", "16", "--max_predict_samples", "8", "--block_size", "32",
         "--max_train_steps", str(STEPS), "--num_warmup_steps", "1", "--learning_rate", "1e-3", "--logging_steps", "2",
         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
-        "--acr_eps", "0.5", "--acr_alpha", "0.7", "--corruption_eval_eps", "0.5",
+        "--acr_eps", "0.5", "--acr_alpha", "0.7", "--corruption_eval_eps", "0.5", "--corruption_eval_faults", "int8",
     ]
     # fmt: on
 
@@ -91,7 +91,17 @@ def test_reference_run_writes_lm_results(reference):
                 "loss_increase": found["eval_corrupted_eps_0.5_loss_increase"],
             },
         ],
+        "faults": [
+            {
+                "fault": "int8",
+                "label": "int8 weights, per channel",
+                "perplexity": found["eval_fault_int8_perplexity"],
+                "loss_increase": found["eval_fault_int8_loss_increase"],
+            }
+        ],
     }
+    card = (out / "README.md").read_text()
+    assert "| `optimizer_steps` | 4 |" in card and "| int8 weights, per channel (`int8`) |" in card
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2", "step_4"]
     halfway, final = weights(out / "step_2"), weights(out)
     assert not any(torch.equal(halfway[name], final[name]) for name in final)

@@ -375,3 +375,31 @@ def test_mistyped_paths_fail_at_once_with_one_line(marian_dir, tmp_path):
     code, _, err = _cli("--model", "nobody/no-such-model", "--data", data, "--output-dir", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("acr-probe: error: --model nobody/no-such-model: ")
+
+
+def test_cli_fault_rows_alone_and_a_bad_spec(gpt2_dir, tmp_path, capsys):
+    data = tmp_path / "x.txt"
+    data.write_text("\n".join(_sentences(40, 7)) + "\n")
+    out = tmp_path / "faults"
+    argv = ["--model", str(gpt2_dir), "--data", str(data), "--max-samples", "4", "--max-length", "16"]
+    faults = ["int8", "flip:1e-3:int8", "prune:0.5"]
+    code = main([*argv, "--eps", "--faults", *faults, "--trials", "2", "--by", "layer", "--no-all"] +
+                ["--save-corruptions", "--no-progress", "--output-dir", str(out)])  # fmt: skip
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {
+        "probe.csv", "probe.md", "report.json", "heatmap_faults.png", "corruptions.safetensors"
+    }  # fmt: skip
+    table = ProbeTable.from_json(out / "report.json")
+    assert [r["method"] for r in table.rows if r["group"] == "h.0"] == faults
+    assert all(r["eps"] is None for r in table.rows)
+    assert {r["trials"] for r in table.select(method="flip:1e-3:int8") if r["group"] != "ln_f"} == {2}
+    saved = safetensors_torch.load_file(out / "corruptions.safetensors")
+    assert "h.0/fault=prune:0.5/transformer.h.0.mlp.c_fc.weight" in saved
+    assert "largest loss increase" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*argv, "--faults", "flip:10", "--output-dir", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert "fault spec 'flip:10'" in err and "for 10 flips write flips:10" in err
+    with pytest.raises(SystemExit):
+        main([*argv, "--eps", "--output-dir", str(tmp_path / "none")])
+    assert "give --eps values, --faults, or both" in capsys.readouterr().err

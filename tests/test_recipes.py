@@ -249,10 +249,21 @@ def test_de_en_recipe_end_to_end(tmp_path, capsys, monkeypatch):
             "2.0",
             "--acr_eps",
             "0.1",
+            "--corruption_eval_faults",
+            "int8",
+            "prune:0.5",
         ]
     )
     card, results = _card_and_results(out)
     rows = results["robustness"]["rows"]
+    faults = results["robustness"]["faults"]
+    assert [(f["fault"], f["label"]) for f in faults] == [
+        ("int8", "int8 weights, per channel"),
+        ("prune:0.5", "50% magnitude pruning"),
+    ]
+    assert [f["bleu"] for f in faults] == [results["eval_fault_int8_bleu"], results["eval_fault_prune:0.5_bleu"]]
+    assert results["eval_fault_prune:0.5_loss_increase"] > results["eval_fault_int8_loss_increase"]
+    assert results["eval_fault_prune:0.5_norm_inf"] > 0 and results["eval_fault_int8_broken"] == 0
     assert [row["eps"] for row in rows] == [0.0, 0.1, 2.0]
     assert [row["bleu"] for row in rows] == [
         results["eval_bleu"],
@@ -265,20 +276,27 @@ def test_de_en_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert all("acr/loss_gap" in entry for entry in log if "loss" in entry)
     validation = [r.metric_value for r in card.data.eval_results if r.dataset_split == "validation"]
-    assert validation == [float(f"{row['bleu']:.4g}") for row in rows]
+    assert validation == [
+        float(f"{value:.4g}") for value in [row["bleu"] for row in rows] + [f["bleu"] for f in faults]
+    ]
+    names = [r.metric_name for r in card.data.eval_results if r.dataset_split == "validation"]
+    assert names[-2:] == ["BLEU (int8 weights, per channel)", "BLEU (50% magnitude pruning)"]
     assert "acr" in card.data.tags and card.data.language == ["de", "en"]
     printed = capsys.readouterr().out
     assert "Under gradient-based parameter corruption (L2 norm eps, all parameters)" in printed
     assert "eps = 2" in printed and "loss increase" in printed
-    # one gradient (one pass over the single validation batch) for the whole eps sweep, a line per evaluation
+    assert "Under real-world faults of the weights:" in printed and "50% magnitude pruning" in printed
+    # one gradient (one pass over the single validation batch) for the whole sweep, a line per evaluation
     assert len(gradient_passes) == 1
-    lines = [line for line in printed.splitlines() if line.startswith("corrupted evaluation")]
-    assert [line.split(",")[0] for line in lines] == [
-        "corrupted evaluation 1/2: eps 0.1",
-        "corrupted evaluation 2/2: eps 2",
+    lines = [line.split(":")[0] for line in printed.splitlines() if line.startswith("evaluation ")]
+    assert lines == [
+        "evaluation 1/5 (clean)",
+        "evaluation 2/5 (eps 0.1)",
+        "evaluation 3/5 (eps 2)",
+        "evaluation 4/5 (int8)",
+        "evaluation 5/5 (prune",
     ]
     increase = results["eval_corrupted_eps_2_loss_increase"]
-    assert f"loss increase {increase:.3f} (" in lines[1]
     # the tokenizer is written once, next to the model
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     assert not (out / "tokenizer").exists()

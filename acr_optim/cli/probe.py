@@ -2,7 +2,8 @@
 
 Writes to ``--output-dir``: ``probe.csv``, ``probe.md``, ``report.json`` (config + rows),
 ``heatmap_<method>.png`` (group x eps of the loss increase), ``curve.png`` (metric vs eps per
-method, paper Figure 3) and, with ``--save-corruptions``, ``corruptions.safetensors``.
+method, paper Figure 3), with ``--faults`` ``heatmap_faults.png`` (group x fault) and, with
+``--save-corruptions``, ``corruptions.safetensors``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from ..data import builder_for, infer_languages, load_data, load_files, load_parallel, parallel_files
 from ..errors import UsageError
+from ..faults import parse_fault
 from ..integrations.models import TASKS
 
 METRICS = ("auto", "perplexity", "accuracy", "token-accuracy", "bleu", "none")
@@ -112,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     corruption = parser.add_argument_group("corruption")
     corruption.add_argument(
-        "--eps", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="grid of corruption norms ||a||_p"
+        "--eps",
+        type=float,
+        nargs="*",
+        default=[0.01, 0.1, 1.0],
+        help="grid of corruption norms ||a||_p (none: only --faults)",
     )
     corruption.add_argument(
         "--n",
@@ -129,7 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("gradient", "random", "pgd"),
         help="corruption methods",
     )
-    corruption.add_argument("--trials", type=int, default=5, help="random draws per row (random method)")
+    corruption.add_argument(
+        "--faults",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="real-world faults measured next to the eps rows, e.g. int8 int4:g32 bf16 fp8_e4m3 flip:1e-6 "
+        "flip:1e-3:int8 flips:10 flip-worst:10:mantissa prune:0.5 (see acr_optim.faults.GRAMMAR)",
+    )
+    corruption.add_argument(
+        "--trials", type=int, default=5, help="draws per row of the random method and of random faults"
+    )
     corruption.add_argument("--steps", type=int, default=10, help="ascent steps (pgd)")
     corruption.add_argument("--step-size", type=float, default=0.5, help="relative ascent step (pgd)")
     corruption.add_argument("--seed", type=int, default=0, help="seed of the random draws")
@@ -288,6 +304,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("max_samples", "max_length", "batch_size", "trials"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.eps and not args.faults:
+        parser.error("give --eps values, --faults, or both")
+    for spec in args.faults:
+        try:
+            parse_fault(spec)
+        except ValueError as err:
+            parser.error(str(err))
 
 
 def _check_task(args: argparse.Namespace, task: str) -> None:
@@ -336,16 +359,18 @@ def _run(args: argparse.Namespace) -> int:
 
     def keep(row: dict[str, Any], a: dict[str, torch.Tensor]) -> None:
         n = "all" if row["n"] is None else row["n"]
-        prefix = f"{row['group']}/{row['method']}/eps={row['eps']:g}/n={n}"
+        where = f"fault={row['method']}" if row["eps"] is None else f"{row['method']}/eps={row['eps']:g}/n={n}"
+        prefix = f"{row['group']}/{where}"
         saved.update({f"{prefix}/{name}": t.detach().cpu().contiguous() for name, t in a.items()})
 
     table = probe(
         model,
         batches,
-        eps=args.eps,
+        eps=args.eps or None,
         p=args.p,
         n=args.n,
         method=args.methods,
+        faults=args.faults,
         by=args.group_regex or args.by,
         include_all=not args.no_all,
         metric_fn=_metric_fn(args.metric, task, tokenizer, args.max_length),
@@ -372,18 +397,22 @@ def _run(args: argparse.Namespace) -> int:
     table.to_csv(out / "probe.csv")
     table.to_markdown(out / "probe.md")
     table.to_json(out / "report.json")
-    for method in args.methods:
-        table.heatmap(out / f"heatmap_{method}.png", method=method)
-    metric = next((c[: -len("_clean")] for c in table.columns if c.endswith("_clean") and c != "loss_clean"), "loss")
-    table.curve(out / "curve.png", value=metric)
+    if args.eps:
+        for method in args.methods:
+            table.heatmap(out / f"heatmap_{method}.png", method=method)
+        metric = next(
+            (c[: -len("_clean")] for c in table.columns if c.endswith("_clean") and c != "loss_clean"), "loss"
+        )
+        table.curve(out / "curve.png", value=metric)
+    if args.faults:
+        table.fault_heatmap(out / "heatmap_faults.png")
     if saved:
         save_file(saved, str(out / "corruptions.safetensors"), metadata={"config": json.dumps(table.config)})
-    worst = max(
-        table.select(method=args.methods[0]), key=lambda r: r["delta_loss"] if math.isfinite(r["delta_loss"]) else -1
-    )
+    worst = max(table.rows, key=lambda r: r["delta_loss"] if not math.isnan(r["delta_loss"]) else -math.inf)
+    where = f"fault {worst['method']}" if worst["eps"] is None else f"{worst['method']}, eps {worst['eps']:g}"
     print(
-        f"wrote {out}: {len(table.rows)} rows; largest {args.methods[0]} loss increase "
-        f"{worst['delta_loss']:.4g} (group {worst['group']}, eps {worst['eps']:g})"
+        f"wrote {out}: {len(table.rows)} rows; largest loss increase {worst['delta_loss']:.4g} "
+        f"(group {worst['group']}, {where})"
     )
     return 0
 
