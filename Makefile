@@ -2,15 +2,15 @@
 #   make demo   - install into .venv, then run the De-En ACR recipe on its embedded default
 #   make test   - install into .venv, then run the test suite
 # and, for CI after `make test`:
-#   make test-oldest - the Trainer and PEFT integration tests against the oldest releases pyproject.toml accepts,
-#                      and the torchao cross-check of the fault models (the quant extra, kept out of .venv: an
-#                      installed torchao makes every transformers import print load errors)
+#   make test-oldest - the Trainer and PEFT integration tests against the oldest releases pyproject.toml accepts
+#   make test-quant  - the torchao cross-check of the fault models, in an environment of its own (an installed
+#                      torchao makes every transformers import print load errors, and breaks the oldest peft)
 # and `make docs` builds the documentation site (mkdocs.yml) into site/, as tests/test_docs.py does.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-oldest docs
+.PHONY: install demo test test-oldest test-quant docs
 install: $(VENV)/.installed
 
 # The CPU wheel of torch first, where the machine has it, so that the torch requirement of the
@@ -44,9 +44,19 @@ OLDEST_VENV := .venv-oldest
 $(OLDEST_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install --quiet torch==2.13.0 || $(OLDEST_VENV)/bin/pip install --quiet torch
-	$(OLDEST_VENV)/bin/pip install --quiet -e ".[hf,test,quant]" $(OLDEST)
+	$(OLDEST_VENV)/bin/pip install --quiet -e ".[hf,test]" $(OLDEST)
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -m pytest -q tests/test_hf_callback.py tests/test_peft.py -k "not recipe"
-	$(OLDEST_VENV)/bin/python -m pytest -q tests/test_faults.py -k torchao
+
+QUANT_VENV := .venv-quant
+
+$(QUANT_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(QUANT_VENV)
+	$(QUANT_VENV)/bin/pip install --quiet torch==2.13.0 || $(QUANT_VENV)/bin/pip install --quiet torch
+	$(QUANT_VENV)/bin/pip install --quiet -e ".[test,quant]"
+	touch $@
+
+test-quant: $(QUANT_VENV)/.installed
+	$(QUANT_VENV)/bin/python -m pytest -q tests/test_faults.py -k torchao

@@ -32,6 +32,8 @@ from acr_optim.probe import probe
 
 RECIPES = Path(__file__).resolve().parent
 EMBEDDED_DATA = RECIPES / "data" / "de_en_small"
+# The real-world faults the recipes evaluate by default: deployment quantization and casts, int8 memory errors, pruning.
+DEFAULT_FAULTS = ("int8", "int4:g32", "bf16", "fp8_e4m3", "flip:1e-6:int8", "prune:0.5")
 
 
 @dataclass
@@ -89,11 +91,13 @@ class RecipeArguments:
     )
     corruption_eval_p: float = field(default=2.0, metadata={"help": "L_p norm of the evaluation corruption."})
     corruption_eval_n: int | None = field(default=None, metadata={"help": "L0 limit of the evaluation corruption."})
-    corruption_eval_faults: list[str] = field(
-        default_factory=lambda: ["int8", "int4:g32", "bf16", "fp8_e4m3", "flip:1e-6:int8", "prune:0.5"],
+    corruption_eval_faults: list[str] | None = field(
+        default=None,
         metadata={
             "help": "Real-world faults the final model is evaluated under (acr_optim.faults specs: int8, int4:g32, "
-            "bf16, fp8_e4m3, flip:1e-6, flips:10:int8, flip-worst:10, prune:0.5, ...); 'none' for none."
+            "bf16, fp8_e4m3, flip:1e-6, flips:10:int8, flip-worst:10, prune:0.5, ...); 'none' for none. Default: "
+            f"{' '.join(DEFAULT_FAULTS)}; none with --lora_r (faults act on the merged weights: probe the saved "
+            "adapter with acr-probe --faults)."
         },
     )
 
@@ -106,8 +110,15 @@ class RecipeArguments:
             check_eps(eps, name="--corruption_eval_eps")
         check_p(self.corruption_eval_p, name="--corruption_eval_p")
         check_n(self.corruption_eval_n, name="--corruption_eval_n")
-        if self.corruption_eval_faults == ["none"]:
+        if self.corruption_eval_faults is None:
+            self.corruption_eval_faults = [] if self.lora_r is not None else list(DEFAULT_FAULTS)
+        elif self.corruption_eval_faults == ["none"]:
             self.corruption_eval_faults = []
+        elif self.lora_r is not None:
+            raise ValueError(
+                "--corruption_eval_faults with --lora_r: faults act on the merged weights, not on the adapters; "
+                "probe the saved adapter instead (acr-probe --model OUTPUT_DIR --faults ...)"
+            )
         for spec in self.corruption_eval_faults:
             parse_fault(spec)
         if self.lora_r is not None and self.lora_r < 1:

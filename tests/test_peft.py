@@ -36,6 +36,7 @@ from transformers import (
 
 from acr_optim import ACR
 from acr_optim.integrations.hf import ACRCallback
+from acr_optim.integrations.models import fixed_parameter_names
 from acr_optim.integrations.peft import merged_parameters
 from acr_optim.probe import probe
 
@@ -177,6 +178,18 @@ def test_probe_unmerged_in_the_base_weights_gives_the_merged_table(task):
     for by in ("type", "layer"):
         unmerged_table = probe(model.get_base_model(), batches, by=by, params=stand_ins.values(), **settings)
         merged_table = probe(merged, batches, by=by, params=list(stand_ins), **settings)
+        # the PEFT model itself, default params: its merged weights but the tables its class keeps fixed
+        fixed = fixed_parameter_names(model.get_base_model())
+        assert fixed == ({"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
+                         if task == "seq2seq" else set())  # fmt: skip
+        expected = probe(
+            model.get_base_model(),
+            batches,
+            by=by,
+            params=[p for n, p in stand_ins.items() if n not in fixed],
+            **settings,
+        )
+        assert probe(model, batches, by=by, **settings).rows == expected.rows
         assert unmerged_table.config == merged_table.config
         assert len(unmerged_table.rows) == len(merged_table.rows) > 2 * 2 * 2
         for u, m in zip(unmerged_table.rows, merged_table.rows):
@@ -188,6 +201,13 @@ def test_probe_unmerged_in_the_base_weights_gives_the_merged_table(task):
                     assert u[key] == m[key], (by, key)
     for name, p in model.named_parameters():
         assert p.requires_grad == (".lora_" in name or ".modules_to_save." in name)  # probe left the flags as they were
+
+
+def test_faults_on_a_lora_model_need_the_merged_model():
+    model = lora_model("causal", init_lora_weights=False)
+    batch = {key: torch.tensor(value) for key, value in TASKS["causal"][1]()[:4].items()}
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\) for fault rows"):
+        probe(model, [batch], faults=["int8"])
 
 
 def test_merged_parameters_refuses_what_does_not_merge_additively():

@@ -403,3 +403,27 @@ def test_cli_fault_rows_alone_and_a_bad_spec(gpt2_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--eps", "--output-dir", str(tmp_path / "none")])
     assert "give --eps values, --faults, or both" in capsys.readouterr().err
+
+
+def test_cli_probes_a_lora_adapter_folder_as_its_merged_model(gpt2_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    base = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    peft.get_peft_model(base, config).save_pretrained(tmp_path / "adapter")  # base_model_name_or_path: gpt2_dir
+    data = tmp_path / "x.txt"
+    data.write_text("\n".join(_sentences(40, 3)) + "\n")
+    common = ["--data", str(data), "--max-samples", "4", "--max-length", "16", "--eps", "0.1", "1", "--no-progress"]
+    tables = {}
+    for name, extra in [("unmerged", []), ("merged", ["--merge-adapter"])]:
+        assert main(["--model", str(tmp_path / "adapter"), *common, *extra, "--output-dir", str(tmp_path / name)]) == 0
+        tables[name] = ProbeTable.from_json(tmp_path / name / "report.json")
+    unmerged, merged = tables["unmerged"].rows, tables["merged"].rows
+    assert [(r["group"], r["num_params"], r["method"], r["eps"]) for r in unmerged] == [
+        (r["group"], r["num_params"], r["method"], r["eps"]) for r in merged
+    ]
+    for u, m in zip(unmerged, merged):
+        assert u["delta_loss"] == pytest.approx(m["delta_loss"], rel=1e-4, abs=1e-6)
+    # the adapter changes the model: the merged model is not the base model
+    assert main(["--model", str(gpt2_dir), *common, "--output-dir", str(tmp_path / "base")]) == 0
+    assert ProbeTable.from_json(tmp_path / "base" / "report.json").rows[0]["loss_clean"] != merged[0]["loss_clean"]

@@ -113,6 +113,9 @@ def test_user_errors_in_the_recipes_name_the_flag_and_the_problem(tmp_path, monk
          "nowhere.en[.gz], a source file ending in .de[.gz], or a .json/.jsonl file")),
         (de_en, ["--model_name_or_path", "./my-model"], "--model_name_or_path ./my-model: no such file or folder"),
         (de_en, ["--acr_alpha", "2"], "--acr_alpha must satisfy 0 <= --acr_alpha <= 1, got 2.0"),
+        (lm, ["--lora_r", "2", "--corruption_eval_faults", "int8"], ("--corruption_eval_faults with --lora_r: faults "
+         "act on the merged weights, not on the adapters; probe the saved adapter instead (acr-probe --model "
+         "OUTPUT_DIR --faults ...)")),
     ]  # fmt: skip
     for recipe, argv, message in cases:
         with pytest.raises(UsageError) as caught:

@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
+    model.add_argument(
+        "--model",
+        required=True,
+        help="local model folder, Hugging Face hub id, or a peft LoRA adapter folder (probed as the merged model)",
+    )
     model.add_argument("--tokenizer", help="tokenizer folder or hub id (default: --model)")
     model.add_argument(
         "--task",
@@ -75,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow custom modelling code from the model repository (off: only trusted classes)",
     )
     model.add_argument("--revision", help="hub revision (branch, tag or commit) of the model")
+    model.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="a LoRA adapter folder as --model: merge it into its base model before probing (the same table; "
+        "--faults always merge, as deployment does)",
+    )
     model.add_argument(
         "--dtype",
         default="float32",
@@ -292,11 +302,32 @@ def _metric_fn(name: str, task: str, tokenizer: Any, max_length: int) -> Any:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from ..integrations.models import load_model, load_tokenizer
+    """The model (a LoRA adapter folder: its base model with the adapter, merged for ``--merge-adapter`` or
+    ``--faults``), its tokenizer and its task."""
+    from ..integrations.models import fixed_parameter_names, load_model, load_tokenizer
 
     common = {"trust_remote_code": args.trust_remote_code, "revision": args.revision}
-    model, task = load_model(args.model, args.task, dtype=DTYPES[args.dtype], **common)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model", **common)
+    adapter = Path(args.model, "adapter_config.json").is_file()
+    if not adapter:
+        model, task = load_model(args.model, args.task, dtype=DTYPES[args.dtype], **common)
+    else:
+        try:
+            from peft import PeftConfig, PeftModel
+        except ImportError:
+            raise UsageError(
+                f"--model {args.model} is a peft adapter: install the peft extra (acr-optim[peft])"
+            ) from None
+        base_name = PeftConfig.from_pretrained(args.model).base_model_name_or_path
+        base, task = load_model(base_name, args.task, what="--model's base model", dtype=DTYPES[args.dtype], **common)
+        model = PeftModel.from_pretrained(base, args.model)
+        if args.merge_adapter or args.faults:  # faults act on the weights deployed: the merged ones
+            model = model.merge_and_unload()
+            fixed = fixed_parameter_names(model)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in fixed)
+    has_tokenizer = adapter and any(Path(args.model, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    source = args.tokenizer or (args.model if not adapter or has_tokenizer else base_name)
+    tokenizer = load_tokenizer(source, "--tokenizer" if args.tokenizer else "--model", **common)
     return model.to(args.device), tokenizer, task
 
 

@@ -96,6 +96,21 @@ def load_tokenizer(name: str, what: str = "--tokenizer", **kwargs: Any) -> Any:
     return tokenizer
 
 
+def fixed_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters ``type(model)`` builds frozen (Marian's sinusoidal ``embed_positions``), from
+    a copy built from the config on the meta device (no memory, no weights); empty, with a warning, for
+    classes that cannot be built that way."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(model.config)
+    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as err:  # meta-unfriendly classes
+        warnings.warn(
+            f"could not check {type(model).__name__} for fixed parameters made trainable: {err}", stacklevel=3
+        )
+        return set()
+    return {name for name, p in fresh.named_parameters() if not p.requires_grad}
+
+
 def refreeze_fixed_parameters(model: nn.Module) -> list[str]:
     """Turn ``requires_grad`` off again for parameters the model's class builds frozen; return their names.
 
@@ -104,15 +119,7 @@ def refreeze_fixed_parameters(model: nn.Module) -> list[str]:
     corrupt (and train) those tables.  The class's own layout comes from a copy built from the
     config on the meta device (no memory, no weights).
     """
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(model.config)
-    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as err:  # meta-unfriendly classes
-        warnings.warn(
-            f"could not check {type(model).__name__} for fixed parameters made trainable: {err}", stacklevel=2
-        )
-        return []
-    frozen = {name for name, p in fresh.named_parameters() if not p.requires_grad}
+    frozen = fixed_parameter_names(model)
     fixed = [name for name, p in model.named_parameters() if name in frozen and p.requires_grad]
     for name, p in model.named_parameters():
         if name in fixed:

@@ -33,10 +33,11 @@ transformers model with the adapters in place: the built-in groupings see the la
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["is_peft_model", "merged_parameters"]
+__all__ = ["is_peft_model", "merged_parameters", "probe_target"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -84,3 +85,27 @@ def merged_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             left_out.discard(id(p))
             renamed[id(p)] = f"{path}.{name}"
     return {renamed.get(id(p), name): p for name, p in inner.named_parameters() if id(p) not in left_out}
+
+
+def probe_target(
+    model: nn.Module, params: Iterable[str | nn.Parameter] | None
+) -> tuple[nn.Module, Iterable[str | nn.Parameter] | None]:
+    """What the probes measure for ``model``: itself and ``params``, or for a LoRA ``peft.PeftModel`` its
+    merged weights without merging (see the module docstring): ``get_base_model()`` and the base weights
+    of :func:`merged_parameters`.  Default ``params`` of a LoRA model: every merged weight but those its
+    class keeps fixed (Marian's sinusoidal positions); names in ``params`` are merged-model names.
+    Tables then name parameters as ``get_base_model()`` does (``....base_layer.weight`` in adapted layers).
+    """
+    if not is_peft_model(model):
+        return model, params
+    from .models import fixed_parameter_names
+
+    weights = merged_parameters(model)
+    base = model.get_base_model()
+    if params is None:
+        fixed = fixed_parameter_names(base)
+        return base, [p for name, p in weights.items() if name not in fixed]
+    unknown = [p for p in params if isinstance(p, str) and p not in weights]
+    if unknown:
+        raise ValueError(f"params must name weights of the merged model; {unknown[0]!r} is not one")
+    return base, [weights[p] if isinstance(p, str) else p for p in params]

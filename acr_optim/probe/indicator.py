@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..corruption import check_eps, check_n, check_p, dual_exponent, gradient_corruption, random_corruption
+from ..integrations.peft import probe_target
 
 __all__ = [
     "METHODS",
@@ -473,10 +474,13 @@ def estimate_indicator(
     ``torch.Generator`` seeded with ``seed`` on the first parameter's device; ``steps`` and
     ``step_size`` drive ``"pgd"``.  ``metric_fn(model, batches)`` (float or dict) is recorded
     before and under the corruption.  One gradient pass, plus ``steps`` more for ``"pgd"``.
+    A LoRA ``peft`` model is measured as its merged model, without merging
+    (:func:`~acr_optim.integrations.peft.probe_target`).
     """
     eps, n, method = check_eps(eps), check_n(n), _check_method(method)
     p = _check_common(p, trials, steps, step_size)
     batches = _as_batches(batches)
+    model, params = probe_target(model, params)
     with preserved(model) as snapshot:
         model.eval()
         named = _select_params(model, params)

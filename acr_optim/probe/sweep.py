@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..corruption import check_eps, check_n
 from ..faults import Fault, parse_fault
+from ..integrations.peft import is_peft_model, probe_target
 from .groups import GroupBy, group_parameters
 from .indicator import (
     IndicatorResult,
@@ -179,7 +180,10 @@ def probe(
     :mod:`acr_optim.faults` on when ``w + d`` rounds).  Stochastic faults draw from a generator
     seeded with ``seed`` for every row.  The faults see GPT-2's ``Conv1D`` weights transposed,
     ``(out, in)`` as in ``nn.Linear``, so channels and groups are output rows and input runs.
-    ``eps`` may be omitted when ``faults`` are given (no ``method`` rows then).
+    ``eps`` may be omitted when ``faults`` are given (no ``method`` rows then).  A LoRA ``peft``
+    model is probed as its merged model, without merging
+    (:func:`~acr_optim.integrations.peft.probe_target`); faults, which are not additive, need the
+    merged model itself (``merge_and_unload()``).
     """
     fault_list = _faults(faults)
     if eps is None and not fault_list:
@@ -189,6 +193,12 @@ def probe(
     methods = _grid(method, _check_method) if eps_grid else []
     p = _check_common(p, trials, steps, step_size)
     batches = _as_batches(batches)
+    if fault_list and is_peft_model(model):
+        raise ValueError(
+            "faults act on the merged weights a LoRA model deploys (quantizing W and B A apart is not quantizing "
+            "W + s B A): probe model.merge_and_unload() for fault rows"
+        )
+    model, params = probe_target(model, params)
     with preserved(model) as snapshot:
         model.eval()
         named = _select_params(model, params)
