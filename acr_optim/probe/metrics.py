@@ -52,8 +52,9 @@ def token_accuracy(shift: bool) -> MetricFn:
 
 
 def bleu(tokenizer: Any, max_new_tokens: int = 64, num_beams: int = 1) -> MetricFn:
-    """Corpus BLEU (sacrebleu) of ``model.generate`` on ``input_ids`` against the decoded ``labels``."""
-    import sacrebleu
+    """Corpus BLEU of ``model.generate`` on ``input_ids`` against the decoded ``labels``
+    (:func:`~acr_optim.integrations.evaluate.corpus_bleu`: ``evaluate``'s sacrebleu, or sacrebleu itself offline)."""
+    from ..integrations.evaluate import corpus_bleu
 
     def metric(model: nn.Module, batches: Sequence[Any]) -> dict[str, float]:
         hyps: list[str] = []
@@ -68,6 +69,6 @@ def bleu(tokenizer: Any, max_new_tokens: int = 64, num_beams: int = 1) -> Metric
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
             labels = torch.where(batch["labels"] == -100, tokenizer.pad_token_id, batch["labels"])
             refs += tokenizer.batch_decode(labels, skip_special_tokens=True)
-        return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
+        return {"bleu": corpus_bleu(hyps, refs)}
 
     return metric
