@@ -215,6 +215,8 @@ def test_cli_help_documents_every_option_and_rejects_bad_values(capsys):
     text = capsys.readouterr().out
     for flag in ("--trust-remote-code", "--eps", "--n", "--methods", "--by", "--save-corruptions", "--target-data"):
         assert flag in text
+    # defaults are shown where they say something: not on required options, unset ones or off switches
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: 0.5)" in text
     with pytest.raises(SystemExit):
         main(["--model", "m", "--task", "causal-lm", "--data", "d", "--output-dir", "o", "--n", "0"])
     assert "n must be a positive int or 'all'" in capsys.readouterr().err
