@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import math
+import platform
 import statistics
 import sys
 import time
@@ -42,6 +43,7 @@ sys.path.insert(0, str(REPO / "recipes"))
 from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
 from de_en import TINY_MARIAN, fit_to_tokenizer
 from lm import TINY_GPT2
+from records import RESULTS
 
 from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n
@@ -106,6 +108,9 @@ def parser(description: str, out: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "experiments" / out)
     ap.add_argument(
+        "--results", type=Path, default=RESULTS, help="where run records go (a run whose record exists is skipped)"
+    )
+    ap.add_argument(
         "--cache",
         type=Path,
         default=REPO / "outputs" / "experiments" / "cache",
@@ -129,6 +134,13 @@ class Task:
     metric_fn: Callable[[nn.Module, Sequence[Any]], dict[str, float]]
     metric: str
     config: dict[str, Any]
+
+    @property
+    def eval_data(self) -> str:
+        """What ``eval_batches`` hold."""
+        if self.name == "de_en":
+            return f"Multi30k val, first {self.config['eval_size']} pairs"
+        return f"WikiText-2 test, first {self.config['eval_size']} blocks of {self.config['block_size']} tokens"
 
     def new_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -180,7 +192,7 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _cached_tokenizer(
+def cached_tokenizer(
     folder: Path, train: Callable[[list[str], int], PreTrainedTokenizerFast], texts: list[str], vocab: int
 ) -> PreTrainedTokenizerFast:
     if not (folder / "tokenizer.json").is_file():
@@ -188,16 +200,28 @@ def _cached_tokenizer(
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
+def lm_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], size: int) -> list[dict[str, list[int]]]:
+    """Each line's tokens then EOS, concatenated and cut into blocks of ``size`` (as recipes/lm.py)."""
+    ids = [t for line in tokenizer(texts)["input_ids"] for t in (*line, tokenizer.eos_token_id)]
+    blocks = [ids[i : i + size] for i in range(0, len(ids) - size + 1, size)]
+    return [{"input_ids": b, "attention_mask": [1] * size, "labels": b} for b in blocks]
+
+
+def stack(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Equal-length features as one batch of tensors."""
+    return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
+
+
 def build_task(name: str, args: argparse.Namespace) -> Task:
     """The ``name`` task from ``args.data`` (tokenizer trained on its training text, cached under ``args.cache``)."""
     cfg = {k: getattr(args, k) for k in ("width", "layers", "vocab", "max_train", "eval_size", "block_size")}
-    cache = args.cache / f"tokenizer-{name}-{_key(cfg)}"
+    cache = args.cache / f"tokenizer-{name}-{config_key(cfg)}"
     if name == "de_en":
         folder = args.data / "multi30k"
         pairs = list(load_parallel(str(folder / "train"), "de", "en")["translation"])[: args.max_train]
         val = list(load_parallel(str(folder / "val"), "de", "en")["translation"])[: args.eval_size]
         texts = [t for pair in pairs for t in (pair["de"], pair["en"])]
-        tokenizer = _cached_tokenizer(cache, train_sentencepiece_style_tokenizer, texts, args.vocab)
+        tokenizer = cached_tokenizer(cache, train_sentencepiece_style_tokenizer, texts, args.vocab)
 
         def encode(rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
             src = tokenizer([r["de"] for r in rows], max_length=128, truncation=True)
@@ -216,19 +240,11 @@ def build_task(name: str, args: argparse.Namespace) -> Task:
         folder = args.data / "wikitext-2"
         lines = list(load_text_file(str(folder / "valid.txt.gz"), "--data")["text"])[: args.max_train]
         test = list(load_text_file(str(folder / "test.txt.gz"), "--data")["text"])
-        tokenizer = _cached_tokenizer(cache, train_byte_level_tokenizer, lines, args.vocab)
+        tokenizer = cached_tokenizer(cache, train_byte_level_tokenizer, lines, args.vocab)
 
-        def encode(texts: list[str], limit: int | None = None) -> list[dict[str, list[int]]]:
-            """Each line's tokens then EOS, concatenated and cut into blocks (as recipes/lm.py)."""
-            ids = [t for line in tokenizer(texts)["input_ids"] for t in (*line, tokenizer.eos_token_id)]
-            size = args.block_size
-            blocks = [ids[i : i + size] for i in range(0, len(ids) - size + 1, size)][:limit]
-            return [{"input_ids": b, "attention_mask": [1] * size, "labels": b} for b in blocks]
-
-        def collator(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-            return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
-
-        train, eval_features = encode(lines), encode(test[: 40 * args.eval_size], args.eval_size)
+        train = lm_blocks(tokenizer, lines, args.block_size)
+        eval_features = lm_blocks(tokenizer, test[: 40 * args.eval_size], args.block_size)[: args.eval_size]
+        collator = stack
         metric_fn = perplexity
         eval_batch = 32
     if not train or not eval_features:
@@ -269,7 +285,8 @@ class Recipe:
         return f"ACR(eps={self.acr_eps:g}, alpha={self.acr_alpha:g}{every})"
 
 
-def _key(obj: Any) -> str:
+def config_key(obj: Any) -> str:
+    """A short stable hash of a JSON-able configuration (cache folders, record ids)."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -282,7 +299,7 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
     Returns the model (eval mode) and ``{"train_seconds", "final_loss", ...}``; with
     ``cache_root`` a finished run is saved there and reloaded instead of retrained.
     """
-    folder = None if cache_root is None else cache_root / f"{task.name}-{_key([task.config, recipe.__dict__])}"
+    folder = None if cache_root is None else cache_root / f"{task.name}-{config_key([task.config, recipe.__dict__])}"
     if folder is not None and (folder / "run.json").is_file():
         # Into a fresh model: from_pretrained would make Marian's sinusoidal position tables trainable.
         loader = AutoModelForSeq2SeqLM if task.name == "de_en" else AutoModelForCausalLM
@@ -337,6 +354,21 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
         model.save_pretrained(folder)
         (folder / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     return model, run
+
+
+def epochs(task: Task, recipe: Recipe) -> float:
+    """Passes over the training set that ``recipe.steps`` batches make."""
+    return recipe.steps * recipe.batch_size / len(task.train)
+
+
+def environment() -> dict[str, Any]:
+    """Where a run ran (wall seconds compare only between runs of the same environment)."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
 
 
 # -- output ----------------------------------------------------------------------------------------

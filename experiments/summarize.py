@@ -1,149 +1,187 @@
 #!/usr/bin/env python
-"""Markdown tables (for docs/results.md) from the outputs of experiments/run_all.sh.
+"""The generated tables (and figures) of docs/results.md, from the run records in ``experiments/results/``.
 
-    python experiments/summarize.py [outputs/experiments] > tables.md
+    python experiments/summarize.py               # print every table
+    python experiments/summarize.py --write-docs  # rewrite them in docs/results.md, and redraw the figures
 
-Reads ``gradient_vs_random/*/corruption.csv``, ``where_fragile/*/summary.json``,
-``acr_training/*/table.csv`` and ``acr_training/*/sweep.csv``; missing ones are skipped.
+In the markdown a generated table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``;
+``--write-docs`` replaces what is between the markers and nothing else, and
+tests/test_experiments_records.py checks that the committed page is what this prints.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import argparse
+import math
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import RESULTS, load_records
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+FIGURES = DOCS.parent / "images" / "results"
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+MODEL = {"de_en": "Marian", "lm": "GPT-2"}
+VIEW = {
+    "paper": "paper: L-inf, n entries",
+    "same_eps": "L2, all entries, same eps",
+    "per_param": "L2, all entries, same RMS per entry",
+}
 
 
-def _read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _g(x: float) -> str:
+    return f"{x:.3g}"
 
 
-def _pm(mean: str, std: str, digits: int = 2) -> str:
-    m, s = float(mean), float(std)
-    return f"{m:.{digits}f}" if s == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
+def _eps_rows(record: dict[str, Any], by: str, view: str) -> dict[float, list[dict[str, Any]]]:
+    """``{eps: rows}`` of one grouping and view, each list from most to least fragile (largest loss increase first)."""
+    out: dict[float, list[dict[str, Any]]] = {}
+    for row in record["rows"]:
+        if (row["by"], row["view"]) == (by, view):
+            out.setdefault(row["eps"], []).append(row)
+    return {eps: sorted(rows, key=lambda r: -r["delta_loss"]) for eps, rows in sorted(out.items())}
 
 
-def _g(x: str | float) -> str:
-    return f"{float(x):.3g}"
+def _rank(rows: list[dict[str, Any]], group: str) -> str:
+    return f"{[r['group'] for r in rows].index(group) + 1} of {len(rows)}"
 
 
-def _by_task(render):
-    """Apply ``render(rows)`` to each task's rows of a CSV file."""
-
-    def per_task(path: Path) -> list[str]:
-        rows = _read(path)
-        return [
-            line
-            for task in dict.fromkeys(r["task"] for r in rows)
-            for line in render([r for r in rows if r["task"] == task])
-        ]
-
-    return per_task
-
-
-@_by_task
-def gradient_vs_random(rows: list[dict[str, str]]) -> list[str]:
-    out = []
-    for n in dict.fromkeys(r["n"] for r in rows):
-        at = {(r["method"], r["eps"]): r for r in rows if r["n"] == n}
-        first = rows[0]
-        metric = first["metric"]
-        out += [
-            (
-                f"**{first['task']}, n = {n}** (clean {metric} {float(first['metric_clean']):.2f}, "
-                f"clean loss {float(first['loss_clean']):.3f}; random: mean ± std over "
-                f"{at['random', first['eps']]['draws']} draws)"
-            ),
+def fragile_paper(records: list[dict[str, Any]], by: str) -> str:
+    """ΔL of every group under the paper's protocol, one line per (model, eps)."""
+    lines = []
+    for record in records:
+        at = _eps_rows(record, by, "paper")
+        groups = list(dict.fromkeys(r["group"] for r in record["rows"] if r["by"] == by))
+        n = next(iter(at.values()))[0]["n"]
+        lines += [
+            f"**{MODEL[record['task']]}**, n = {n}, L-inf",
             "",
-            f"| eps | {metric} gradient | {metric} PGD | {metric} random | ΔL gradient | ΔL PGD | ΔL random | ΔL gradient / random |",
-            "|---|---|---|---|---|---|---|---|",
+            "| eps | " + " | ".join(groups) + " | most fragile" + (" | rank of norm |" if by == "type" else " |"),
+            "|---|" + "---|" * (len(groups) + 1 + (by == "type")),
         ]
-        for eps in dict.fromkeys(r["eps"] for r in rows if r["n"] == n):
-            g, p, r = at["gradient", eps], at["pgd", eps], at["random", eps]
-            ratio = (
-                float(g["delta_loss_mean"]) / float(r["delta_loss_mean"])
-                if float(r["delta_loss_mean"]) > 0
-                else float("nan")
-            )
-            out.append(
-                f"| {_g(eps)} | {_g(g['metric_mean'])} | {_g(p['metric_mean'])} | "
-                f"{_g(r['metric_mean'])} ± {_g(r['metric_std'])} | {_g(g['delta_loss_mean'])} | {_g(p['delta_loss_mean'])} | "
-                f"{_g(r['delta_loss_mean'])} ± {_g(r['delta_loss_std'])} | {ratio:.3g} |"
-            )
-        out.append("")
-    return out
+        for eps, rows in at.items():
+            delta = {r["group"]: r["delta_loss"] for r in rows}
+            cells = [f"{eps:g}", *(_g(delta[g]) for g in groups), rows[0]["group"]]
+            if by == "type":
+                cells.append(_rank(rows, "norm"))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines[:-1])
 
 
-def where_fragile(path: Path) -> list[str]:
-    ranking = json.loads(path.read_text())["ranking"]
-    out = []
-    for task, by_views in ranking.items():
-        for by, views in by_views.items():
-            out += [f"**{task}, by {by}** (groups from most to least fragile, ΔL in brackets)", ""]
-            out += ["| eps | same eps per group | same RMS change per entry |", "|---|---|---|"]
-            for eps in views["same_eps"]:
-                cells = []
-                for view in ("same_eps", "per_param"):
-                    at = views[view][eps]
-                    cells.append(", ".join(f"{g} ({d:.3g})" for g, d in zip(at["order"], at["delta_loss"])))
-                out.append(f"| {eps} | {cells[0]} | {cells[1]} |")
-            out.append("")
-    return out
+def fragile_l2(records: list[dict[str, Any]], by: str) -> str:
+    """The L2 views: ranking at eps 1, and (by type) where ``norm`` ranks at every eps."""
+    grid = sorted({eps for r in records for eps in _eps_rows(r, by, "same_eps")})
+    tail = " | rank of norm at eps " + ", ".join(f"{e:g}" for e in grid) if by == "type" else ""
+    lines = [f"| model | budget | most to least fragile at eps 1 (ΔL){tail} |", "|---|---|---|" + "---|" * bool(tail)]
+    for record in records:
+        for view in ("same_eps", "per_param"):
+            at = _eps_rows(record, by, view)
+            ranking = ", ".join(f"{r['group']} {_g(r['delta_loss'])}" for r in at[1.0])
+            cells = [MODEL[record["task"]], VIEW[view], ranking]
+            if by == "type":
+                cells.append(", ".join(_rank(at[eps], "norm").split()[0] for eps in grid))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-@_by_task
-def acr_table(rows: list[dict[str, str]]) -> list[str]:
-    eps_values = list(dict.fromkeys(r["eps"] for r in rows))
-    metric = rows[0]["metric"]
-    head = " | ".join("clean" if float(e) == 0 else f"eps {_g(e)}" for e in eps_values)
-    out = [
-        f"**{rows[0]['task']}**: {metric}, mean ± std over {rows[0]['seeds']} seeds",
-        "",
-        f"| recipe | steps | train s | {head} |",
-        "|---|---|---|" + "---|" * len(eps_values),
+def fragile_runs(records: list[dict[str, Any]]) -> str:
+    """The probed models: training budget, time and clean loss on the evaluation data."""
+    lines = [
+        "| model | parameters | steps | epochs | train s | probe s | final train loss | clean eval loss | eval data |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in dict.fromkeys((r["recipe"], r["steps"]) for r in rows):
-        at = {r["eps"]: r for r in rows if (r["recipe"], r["steps"]) == key}
-        cells = " | ".join(_pm(at[e]["metric_mean"], at[e]["metric_std"]) for e in eps_values)
-        out.append(f"| {key[0]} | {key[1]} | {float(at[eps_values[0]]['train_seconds_mean']):.0f} | {cells} |")
-    return out + [""]
+    for r in records:
+        cells = [
+            MODEL[r["task"]],
+            f"{r['num_params']:,}",
+            str(r["steps"]),
+            f"{r['epochs']:.2f}",
+            f"{r['train_seconds']:.0f}",
+            f"{r['probe_seconds']:.0f}",
+            f"{r['final_train_loss']:.3f}",
+            f"{r['rows'][0]['loss_clean']:.3f}",
+            r["eval_data"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-@_by_task
-def sweep(rows: list[dict[str, str]]) -> list[str]:
-    eps_values = list(dict.fromkeys(r["eps"] for r in rows))
-    metric = rows[0]["metric"]
-    head = " | ".join("clean" if float(e) == 0 else f"eps {_g(e)}" for e in eps_values)
-    out = [f"**sweep, {rows[0]['task']}, seed {rows[0]['seed']}**: {metric}", "", f"| sweep | recipe | {head} |"]
-    out.append("|---|---|" + "---|" * len(eps_values))
-    for key in dict.fromkeys((r["sweep"], r["recipe"]) for r in rows):
-        at = {r["eps"]: r for r in rows if (r["sweep"], r["recipe"]) == key}
-        out.append(
-            f"| {key[0]} | {key[1]} | " + " | ".join(f"{float(at[e]['metric_value']):.2f}" for e in eps_values) + " |"
-        )
-    return out + [""]
+TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str]]] = {
+    "fragile-runs": ("where_fragile", fragile_runs),
+    "fragile-type-paper": ("where_fragile", lambda rs: fragile_paper(rs, "type")),
+    "fragile-layer-paper": ("where_fragile", lambda rs: fragile_paper(rs, "layer")),
+    "fragile-type-l2": ("where_fragile", lambda rs: fragile_l2(rs, "type")),
+    "fragile-layer-l2": ("where_fragile", lambda rs: fragile_l2(rs, "layer")),
+}
 
 
-def main(argv: list[str] | None = None) -> str:
-    argv = sys.argv[1:] if argv is None else argv
-    root = Path(argv[0] if argv else "outputs/experiments")
-    lines: list[str] = []
-    for section, pattern, render in [
-        ("Finding 1: gradient vs random corruption", "gradient_vs_random/*/corruption.csv", gradient_vs_random),
-        ("Finding 2: where models are fragile", "where_fragile/*/summary.json", where_fragile),
-        ("Finding 3: ACR training", "acr_training/*/table.csv", acr_table),
-        ("Sweep", "acr_training/*/sweep.csv", sweep),
-    ]:
-        files = sorted(root.glob(pattern))
-        if files:
-            lines += [f"### {section}", ""]
-            for path in files:
-                lines += render(path)
-    text = "\n".join(lines)
-    print(text)
-    return text
+def tables(root: Path = RESULTS) -> dict[str, str]:
+    """Every table whose finding has records, by name."""
+    out = {}
+    for name, (finding, render) in TABLES.items():
+        records = load_records(finding, root)
+        if records:
+            out[name] = render(records)
+    return out
+
+
+def fill_docs(text: str, generated: dict[str, str]) -> str:
+    """``text`` with the body of every marked table replaced by ``generated[name]``."""
+
+    def body(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in generated:
+            raise KeyError(f"docs table {name!r}: no records make it (known: {sorted(generated)})")
+        return f"{match[1]}{generated[name]}\n{match[4]}"
+
+    return BLOCK.sub(body, text)
+
+
+def docs_tables(text: str) -> dict[str, str]:
+    """The marked tables of a markdown text, by name (bodies without the final newline)."""
+    return {m["name"]: m["body"].removesuffix("\n") for m in BLOCK.finditer(text)}
+
+
+def figures(root: Path = RESULTS, folder: Path = FIGURES) -> list[Path]:
+    """The heatmaps of finding 2, ``<task>_<by>_<view>.png``, from the records."""
+    from acr_optim.probe import ProbeTable
+
+    paths = []
+    for record in load_records("where_fragile", root):
+        for by, view in dict.fromkeys((r["by"], r["view"]) for r in record["rows"]):
+            rows = [r for r in record["rows"] if (r["by"], r["view"]) == (by, view)]
+            p = "inf" if math.isinf(rows[0]["p"]) else f"{rows[0]['p']:g}"
+            n = "all" if rows[0]["n"] is None else rows[0]["n"]
+            path = folder / f"{record['task']}_{by}_{view}.png"
+            ProbeTable(rows=rows).heatmap(
+                path,
+                method="gradient",
+                n=rows[0]["n"],
+                title=f"{MODEL[record['task']]}: ΔL, gradient corruption of one {by} group (p={p}, n={n}), {VIEW[view]}",
+            )
+            paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the run records")
+    ap.add_argument("--write-docs", action="store_true", help=f"rewrite the tables in {DOCS.name} and the figures")
+    args = ap.parse_args(argv)
+    generated = tables(args.results)
+    if args.write_docs:
+        DOCS.write_text(fill_docs(DOCS.read_text(), generated))
+        for path in figures(args.results):
+            print(path)
+    else:
+        for name, table in generated.items():
+            print(f"<!-- table:{name} -->\n{table}\n<!-- /table -->\n")
+    return generated
 
 
 if __name__ == "__main__":

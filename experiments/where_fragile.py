@@ -3,107 +3,147 @@
 
 For the tiny Marian (Multi30k De->En) and GPT-2 (WikiText-2) models (trained, or reused from
 ``--cache``), each parameter group (``acr_optim.probe`` groupings ``type`` and ``layer``) is
-corrupted alone with the gradient-based corruption (paper Eq. 10, ``p = 2``, all entries of the
-group) and the loss increase ``L(w + a) - L(w)`` on held-out data is recorded.  Two ways to give
-the groups a comparable budget, both reported:
+corrupted alone with the gradient-based corruption (paper Eq. 10) and the loss increase
+``L(w + a) - L(w)`` on held-out data is recorded, under three ways of giving the groups a budget:
 
-- ``same_eps``: every group gets the same ``||a||_2 = eps`` (the paper's protocol).  A small group
-  (a LayerNorm has ``2 d`` entries) then takes the whole budget on few entries.
-- ``per_param``: group ``g`` with ``N_g`` of the model's ``N`` entries gets
-  ``eps_g = eps * sqrt(N_g / N)``, i.e. the same root-mean-square change per entry,
+- ``paper``: the paper's protocol (Figure 4 caption): ``p = inf`` with ``n`` corrupted entries,
+  ``n = 10`` by type and ``n = 100`` by layer, eps in ``--paper-eps``; every group moves its
+  ``n`` entries of largest ``|gradient|`` by ``eps`` each.
+- ``same_eps``: ``p = 2`` over all entries of the group, every group ``||a||_2 = eps``.  A small
+  group (a LayerNorm has ``2 d`` entries) then takes the whole budget on few entries.
+- ``per_param``: ``p = 2`` over all entries, group ``g`` with ``N_g`` of the model's ``N``
+  entries gets ``eps_g = eps * sqrt(N_g / N)``, i.e. the same root-mean-square change per entry,
   ``eps / sqrt(N)``, in every group (the density of a whole-model corruption of norm ``eps``).
 
-Writes ``fragility.csv``, ``summary.json`` (the most fragile group at each eps and the rank of
-``norm``) and heatmaps ``<task>_<by>_<view>.png`` under ``--out``::
+Writes one record per task, ``--results/where_fragile/<task>/<run id>.json`` (skipped when it
+exists); ``experiments/summarize.py`` makes the tables and heatmaps from the records::
 
-    python experiments/where_fragile.py --steps 1500 --out outputs/experiments/where_fragile
+    python experiments/where_fragile.py --tasks lm --steps 500 --threads 1
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
+from records import read_record, record_path, write_record
 
-from acr_optim.probe import ProbeTable, group_parameters, probe
+from acr_optim.probe import group_parameters, probe
 
+FINDING = "where_fragile"
 DEFAULT_EPS = [0.1, 0.3, 1.0, 3.0, 10.0]
-VIEWS = ("same_eps", "per_param")
+PAPER_EPS = [0.05, 0.1, 0.2, 0.5, 1.0]
+PAPER_N = {"type": 10, "layer": 100}
 
 
-def fragility_rows(task: S.Task, model: Any, by: str, eps: list[float]) -> list[dict[str, Any]]:
-    """Gradient corruption of each ``by`` group alone, at ``eps`` (``same_eps``) and at ``eps sqrt(N_g/N)`` (``per_param``)."""
+@dataclass(frozen=True)
+class View:
+    """One way to budget the corruption of a group: ``L_p`` norm ``eps`` on at most ``n`` entries;
+    ``rms`` scales eps by ``sqrt(N_g / N)`` (the same RMS change per entry in every group)."""
+
+    name: str
+    p: float
+    n: int | None
+    rms: bool
+    eps: tuple[float, ...]
+
+
+def views(by: str, eps: list[float], paper_eps: list[float], paper_n: dict[str, int]) -> list[View]:
+    return [
+        View("paper", math.inf, paper_n[by], False, tuple(paper_eps)),
+        View("same_eps", 2.0, None, False, tuple(eps)),
+        View("per_param", 2.0, None, True, tuple(eps)),
+    ]
+
+
+def fragility_rows(task: S.Task, model: Any, by: str, view: View) -> list[dict[str, Any]]:
+    """The gradient corruption of each ``by`` group alone, one row per (group, eps) under ``view``."""
     groups = group_parameters(model, by)
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sizes = dict(model.named_parameters())
     rows = []
-    for view in VIEWS:
-        for group, names in groups.items():
-            size = sum(sizes[name].numel() for name in names)
-            scale = 1.0 if view == "same_eps" else math.sqrt(size / total)
-            table = probe(model, task.eval_batches, eps=[e * scale for e in eps], params=names, by="all")
-            for nominal, row in zip(eps, table.rows):
-                rows.append(
-                    {
-                        "task": task.name,
-                        "by": by,
-                        "view": view,
-                        **row,
-                        "group": group,
-                        "num_params": size,
-                        "eps": nominal,
-                        "eps_applied": row["eps"],
-                    }
-                )
+    for group, names in groups.items():
+        size = sum(sizes[name].numel() for name in names)
+        scale = math.sqrt(size / total) if view.rms else 1.0
+        eps = [e * scale for e in view.eps]
+        table = probe(model, task.eval_batches, eps=eps, p=view.p, n=view.n, params=names, by="all")
+        for nominal, row in zip(view.eps, table.rows):
+            rows.append(
+                {
+                    "by": by,
+                    "view": view.name,
+                    "group": group,
+                    "num_params": size,
+                    "method": row["method"],
+                    "p": view.p,
+                    "n": view.n,
+                    "eps": nominal,
+                    "eps_applied": row["eps"],
+                    "loss_clean": row["loss_clean"],
+                    "delta_loss": row["delta_loss"],
+                    "first_order": row["first_order"],
+                }
+            )
     return rows
 
 
-def ranking(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per eps: groups from most to least fragile (largest loss increase first), and where ``norm`` ranks."""
-    out: dict[str, Any] = {}
-    for eps in sorted({r["eps"] for r in rows}):
-        at = sorted((r for r in rows if r["eps"] == eps), key=lambda r: -r["delta_loss"])
-        order = [r["group"] for r in at]
-        out[f"{eps:g}"] = {
-            "order": order,
-            "delta_loss": [r["delta_loss"] for r in at],
-            "norm_rank": order.index("norm") + 1 if "norm" in order else None,
-        }
-    return out
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = S.parser(__doc__.splitlines()[1], "where_fragile")
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train (or reuse) each task's model, probe it, write its record; returns the records."""
+    ap = S.parser(__doc__.splitlines()[1], FINDING)
     ap.add_argument("--eps", type=S.positive_float, nargs="+", default=DEFAULT_EPS, help="L2 norms (nominal)")
+    ap.add_argument("--paper-eps", type=S.positive_float, nargs="+", default=PAPER_EPS, help="L-inf eps, paper view")
+    ap.add_argument("--paper-n-type", type=S.positive_int, default=PAPER_N["type"], help="n by type, paper view")
+    ap.add_argument("--paper-n-layer", type=S.positive_int, default=PAPER_N["layer"], help="n by layer, paper view")
     ap.add_argument("--by", nargs="+", choices=["type", "layer"], default=["type", "layer"])
     args = ap.parse_args(argv)
     S.setup(args)
-    rows: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {}
+    paper_n = {"type": args.paper_n_type, "layer": args.paper_n_layer}
+    records = []
     for name in args.tasks:
-        task = S.build_task(name, args)
         recipe = S.Recipe(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-        model, _ = S.train(task, recipe, args.cache)
-        for by in args.by:
-            by_rows = fragility_rows(task, model, by, args.eps)
-            rows += by_rows
-            for view in VIEWS:
-                view_rows = [r for r in by_rows if r["view"] == view]
-                summary.setdefault(name, {}).setdefault(by, {})[view] = ranking(view_rows)
-                ProbeTable(rows=view_rows).heatmap(
-                    args.out / f"{name}_{by}_{view}.png",
-                    method="gradient",
-                    n=None,
-                    title=f"{name}: L(w+a)-L(w), gradient corruption of one {by} group, {view.replace('_', ' ')}",
-                )
-        print(f"{name}: done", flush=True)
-    S.write_rows(args.out / "fragility.csv", rows)
-    S.write_json(args.out / "summary.json", {"args": vars(args), "ranking": summary})
-    return summary
+        task_views = {by: views(by, args.eps, args.paper_eps, paper_n) for by in args.by}
+        settings = {
+            "model": {
+                k: getattr(args, k) for k in ("width", "layers", "vocab", "max_train", "eval_size", "block_size")
+            },
+            "recipe": {**asdict(recipe), "label": recipe.label, "optimizer": "AdamW, linear warmup 5% and decay"},
+            "views": {by: [asdict(v) for v in vs] for by, vs in task_views.items()},
+        }
+        path = record_path(FINDING, name, f"steps{args.steps}-seed{args.seed}-{S.config_key(settings)}", args.results)
+        if path.is_file():
+            print(f"{name}: {path} exists, skipped", flush=True)
+            records.append(read_record(path))
+            continue
+        task = S.build_task(name, args)
+        model, run = S.train(task, recipe, args.cache)
+        start = time.perf_counter()
+        rows = [row for by, vs in task_views.items() for view in vs for row in fragility_rows(task, model, by, view)]
+        record = {
+            "finding": FINDING,
+            "task": name,
+            "settings": settings,
+            "seed": args.seed,
+            "steps": args.steps,
+            "epochs": S.epochs(task, recipe),
+            "best_step": None,  # a fixed budget: the last step's model is probed
+            "train_seconds": run["train_seconds"],
+            "probe_seconds": time.perf_counter() - start,
+            "final_train_loss": run["final_loss"],
+            "num_params": run["num_params"],
+            "eval_data": task.eval_data,
+            "environment": S.environment(),
+            "rows": rows,
+        }
+        write_record(path, record)
+        records.append(read_record(path))  # as stored (tuples become lists), like a skipped run's
+        print(f"{name}: {len(rows)} rows -> {path}", flush=True)
+    return records
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ if not (DATA / "multi30k").is_dir() or not (DATA / "wikitext-2").is_dir():
 sys.path.insert(0, str(REPO / "experiments"))
 
 import acr_training
+import converged
 import gradient_vs_random
+import summarize
 import where_fragile
 
 TINY = ["--steps", "3", "--batch-size", "8", "--width", "16", "--layers", "1", "--vocab", "200"]
@@ -70,24 +72,67 @@ def test_gradient_vs_random(tmp_path, cache):
 
 
 def test_where_fragile(tmp_path, cache):
-    eps = [0.5, 2.0]
-    summary = where_fragile.main(_args(tmp_path, cache, "--eps", *map(str, eps)))
-    rows = _read(tmp_path / "fragility.csv")
-    for task in ("de_en", "lm"):
-        for by in ("type", "layer"):
-            same = [r for r in rows if r["task"] == task and r["by"] == by and r["view"] == "same_eps"]
-            groups = {r["group"]: int(r["num_params"]) for r in same}
-            total = sum(groups.values())  # the groups partition the trainable parameters
-            for r in rows:
-                if (r["task"], r["by"]) == (task, by):
-                    scale = 1.0 if r["view"] == "same_eps" else math.sqrt(int(r["num_params"]) / total)
-                    assert float(r["eps_applied"]) == pytest.approx(float(r["eps"]) * scale, rel=1e-12)
-            for view in ("same_eps", "per_param"):
-                ranking = summary[task][by][view]
-                assert sorted(ranking) == ["0.5", "2"]
-                assert sorted(ranking["2"]["order"]) == sorted(groups)
-                assert (tmp_path / f"{task}_{by}_{view}.png").stat().st_size > 0
-        assert "norm" in summary[task]["type"]["same_eps"]["2"]["order"]
+    argv = ["--eps", "1", "2", "--paper-eps", "0.1", "1", "--paper-n-type", "3", "--paper-n-layer", "5"]
+    records = where_fragile.main(_args(tmp_path, cache, *argv, "--results", str(tmp_path / "results")))
+    assert [r["task"] for r in records] == ["de_en", "lm"]
+    for record in records:
+        rows = record["rows"]
+        assert (record["steps"], record["seed"], record["best_step"]) == (3, 0, None)
+        if record["task"] == "de_en":  # 200 training pairs (the LM's 200 lines make another number of blocks)
+            assert record["epochs"] == pytest.approx(3 * 8 / 200)
+        for by, n in (("type", 3), ("layer", 5)):
+            at = [r for r in rows if r["by"] == by]
+            groups = dict.fromkeys(r["group"] for r in at)
+            total = sum({r["group"]: r["num_params"] for r in at}.values())  # the groups partition the parameters
+            assert len(at) == len(groups) * (2 + 2 + 2)  # paper, same_eps, per_param views x 2 eps each
+            assert {(r["view"], r["p"], r["n"], r["eps"]) for r in at} == {
+                *(("paper", math.inf, n, e) for e in (0.1, 1.0)),
+                *((view, 2.0, None, e) for view in ("same_eps", "per_param") for e in (1.0, 2.0)),
+            }
+            for r in at:
+                scale = math.sqrt(r["num_params"] / total) if r["view"] == "per_param" else 1.0
+                assert r["eps_applied"] == pytest.approx(r["eps"] * scale, rel=1e-12)
+        assert "norm" in {r["group"] for r in rows if r["by"] == "type"}
+    paths = sorted((tmp_path / "results" / "where_fragile").glob("*/*.json"))
+    assert [p.parent.name for p in paths] == ["de_en", "lm"]
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert where_fragile.main(_args(tmp_path, cache, *argv, "--results", str(tmp_path / "results"))) == records
+    assert [p.stat().st_mtime_ns for p in paths] == stamps  # existing records are skipped, not rewritten
+    assert sorted(summarize.tables(tmp_path / "results")) == sorted(summarize.TABLES)
+    figures = summarize.figures(tmp_path / "results", tmp_path)
+    assert len(figures) == 2 * 2 * 3 and all(p.stat().st_size > 0 for p in figures)
+
+
+def test_converged(tmp_path, cache):
+    argv = ["--width", "16", "--layers", "1", "--eval-every", "2", "--patience", "1", "--max-steps", "4"]
+    argv += ["--num-seeds", "1", "--sweep-eps", "0.1", "0.5", "--eval-eps", "1"]
+    common = ["--data", str(DATA), "--cache", str(cache), "--results", str(tmp_path), "--vocab", "200"]
+    common += ["--block-size", "16", "--batch-size", "8", "--test-blocks", "64"]
+    records = converged.main([*common, *argv])
+    chosen = min((r for r in records if r["method"] == "acr"), key=lambda r: r["validation"]["loss"])
+    eps = chosen["settings"]["method"]["eps"]
+    num_params = records[0]["num_params"]
+    # The final rows equal to sweep runs (seed 0 AdamW, ACR at the chosen eps) are not run again.
+    assert [(r["method"], r["settings"]["stage"]) for r in records] == [
+        ("adamw", "sweep"),
+        ("acr", "sweep"),
+        ("acr", "sweep"),
+        ("acr_inf", "final"),
+        ("sam", "final"),
+        ("adamw_2x", "final"),
+    ]
+    methods = {r["method"]: r["settings"]["method"] for r in records}
+    inf_eps = eps / math.sqrt(num_params)
+    assert methods["acr_inf"] == {"name": "acr_inf", "eps": inf_eps, "p": math.inf, "alpha": 0.5, "budget": 1}
+    assert methods["sam"] == {"name": "sam", "eps": eps, "p": 2.0, "alpha": 1.0, "budget": 1}
+    assert methods["adamw_2x"] == {"name": "adamw_2x", "eps": None, "p": 2.0, "alpha": 0.5, "budget": 2}
+    for r in records:
+        cap = 8 if r["method"] == "adamw_2x" else 4
+        assert 2 <= r["best_step"] <= r["steps"] <= cap and r["steps"] % 2 == 0
+        assert r["test"]["perplexity"] == pytest.approx(math.exp(r["test"]["loss"]), rel=1e-6)
+        assert [c["eps"] for c in r["test"]["corrupted"]] == [1.0]
+    assert len(list(tmp_path.glob("converged/lstm/*.json"))) == 6
+    assert converged.main([*common, *argv]) == []  # every run has its record: nothing to do
 
 
 def test_acr_training(tmp_path, cache):

@@ -1,0 +1,37 @@
+"""Results as data: one small JSON record per finished run, committed under ``experiments/results/``.
+
+A record lives at ``experiments/results/<finding>/<task>/<run_id>.json`` and holds what the run
+was (task, recipe and all its settings, seed) and what came out (steps, epochs, best-validation
+step, wall seconds, clean and corrupted metrics); never model weights.  Runners skip a run whose
+record exists, so an interrupted batch of runs resumes where it stopped, and
+``experiments/summarize.py`` builds the tables of docs/results.md from the records alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def record_path(finding: str, task: str, run_id: str, root: Path = RESULTS) -> Path:
+    return root / finding / task / f"{run_id}.json"
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` atomically (a reader or a killed writer never leaves half a record behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=True) + "\n")
+    partial.replace(path)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def load_records(finding: str, root: Path = RESULTS) -> list[dict[str, Any]]:
+    """Every record of ``finding``, ordered by task then run id."""
+    return [read_record(path) for path in sorted((root / finding).glob("*/*.json"))]

@@ -1,0 +1,53 @@
+"""The committed run records (experiments/results/) load, and docs/results.md shows what they make.
+
+Every table between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in docs/results.md must be
+exactly what ``experiments/summarize.py`` prints from the records; after new records,
+``python experiments/summarize.py --write-docs`` brings the page up to date.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+import summarize
+from records import RESULTS, load_records
+
+COMMON = {"finding", "task", "settings", "seed", "steps", "epochs", "best_step", "train_seconds", "environment"}
+
+
+def test_records_load_where_they_belong():
+    paths = sorted(RESULTS.glob("*/*/*.json"))
+    assert {p.parent.parent.name for p in paths} >= {"where_fragile"}
+    for finding in {p.parent.parent.name for p in paths}:
+        for record in load_records(finding):
+            assert COMMON <= set(record), sorted(COMMON - set(record))
+            assert record["finding"] == finding
+
+
+def test_where_fragile_records_hold_every_view():
+    records = load_records("where_fragile")
+    assert [(r["task"], r["steps"], r["seed"]) for r in records] == [("de_en", 600, 0), ("lm", 500, 0)]
+    for record in records:
+        for by, n in (("type", 10), ("layer", 100)):
+            rows = [r for r in record["rows"] if r["by"] == by]
+            groups = {r["group"] for r in rows}
+            paper = {(r["group"], r["eps"]) for r in rows if r["view"] == "paper"}
+            assert paper == {(g, e) for g in groups for e in (0.05, 0.1, 0.2, 0.5, 1.0)}
+            assert {(r["p"], r["n"]) for r in rows if r["view"] == "paper"} == {(math.inf, n)}
+            for view in ("same_eps", "per_param"):
+                l2 = {(r["group"], r["eps"], r["p"], r["n"]) for r in rows if r["view"] == view}
+                assert l2 == {(g, e, 2.0, None) for g in groups for e in (0.1, 0.3, 1.0, 3.0, 10.0)}
+
+
+def test_docs_tables_are_what_summarize_prints():
+    text = summarize.DOCS.read_text()
+    in_docs = summarize.docs_tables(text)
+    generated = summarize.tables()
+    assert {name for name in generated if name.startswith("fragile-")} <= set(in_docs)
+    assert in_docs == {name: generated[name] for name in in_docs}
+    assert summarize.fill_docs(text, generated) == text
