@@ -43,7 +43,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 from _common import load_text_file, train_byte_level_tokenizer
-from records import load_records, record_path, write_record
+from records import chosen_eps, load_records, record_path, write_record
 
 from acr_optim import ACR
 from acr_optim.probe import probe
@@ -213,14 +213,6 @@ def final_methods(eps: float, num_params: int) -> list[Method]:
         Method("sam", eps=eps, alpha=1.0),
         Method("adamw_2x", budget=2),
     ]
-
-
-def chosen_eps(records: list[dict[str, Any]]) -> float | None:
-    """The sweep's ACR eps of lowest held-out loss, once every sweep point has a record."""
-    sweep = [r for r in records if r["settings"]["stage"] == "sweep" and r["method"] == "acr"]
-    if not sweep or len(sweep) < len(sweep[0]["settings"]["sweep_eps"]):
-        return None
-    return min(sweep, key=lambda r: r["validation"]["loss"])["settings"]["method"]["eps"]
 
 
 def commit(path: Path) -> None:

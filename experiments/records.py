@@ -35,3 +35,11 @@ def read_record(path: Path) -> dict[str, Any]:
 def load_records(finding: str, root: Path = RESULTS) -> list[dict[str, Any]]:
     """Every record of ``finding``, ordered by task then run id."""
     return [read_record(path) for path in sorted((root / finding).glob("*/*.json"))]
+
+
+def chosen_eps(records: list[dict[str, Any]]) -> float | None:
+    """The ACR eps of a converged sweep with the lowest held-out loss, once every sweep point has a record."""
+    sweep = [r for r in records if r["settings"]["stage"] == "sweep" and r["method"] == "acr"]
+    if not sweep or len(sweep) < len(sweep[0]["settings"]["sweep_eps"]):
+        return None
+    return min(sweep, key=lambda r: r["validation"]["loss"])["settings"]["method"]["eps"]

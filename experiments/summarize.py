@@ -14,18 +14,20 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import RESULTS, load_records
+from records import RESULTS, chosen_eps, load_records
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 FIGURES = DOCS.parent / "images" / "results"
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
 MODEL = {"de_en": "Marian", "lm": "GPT-2"}
+FINAL_METHODS = ("adamw", "acr", "acr_inf", "sam", "adamw_2x")
 VIEW = {
     "paper": "paper: L-inf, n entries",
     "same_eps": "L2, all entries, same eps",
@@ -111,12 +113,96 @@ def fragile_runs(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str]]] = {
+def _at(scores: dict[str, Any], eps: float) -> dict[str, Any]:
+    return next(c for c in scores["corrupted"] if c["eps"] == eps)
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) < 2 else f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _label(record: dict[str, Any]) -> str:
+    m = record["settings"]["method"]
+    if m["eps"] is None:
+        return record["method"]
+    return f"{record['method']} (eps {m['eps']:.3g}, p {m['p']:g}, alpha {m['alpha']:g})"
+
+
+def converged_sweep(records: list[dict[str, Any]]) -> str:
+    """The sweep of the converged LSTM runs (one seed): every point, held-out and test results."""
+    sweep = [r for r in records if r["settings"]["stage"] == "sweep"]
+    grid = [c["eps"] for c in sweep[0]["test"]["corrupted"]]
+    lines = [
+        "| run | best step (epochs) | stopped | held-out loss | test ppl | "
+        + " | ".join(f"test ppl, eps {e:g}" for e in grid)
+        + " | test ΔL, eps 1 | train s |",
+        "|---|---|---|---|---|" + "---|" * len(grid) + "---|---|",
+    ]
+    for r in sorted(sweep, key=lambda r: r["settings"]["method"]["eps"] or 0.0):
+        cells = [
+            _label(r),
+            f"{r['best_step']} ({r['epochs']:.1f})",
+            r["stopped"],
+            f"{r['validation']['loss']:.4f}",
+            f"{r['test']['perplexity']:.1f}",
+            *(f"{_at(r['test'], e)['perplexity']:.1f}" for e in grid),
+            _g(_at(r["test"], 1.0)["delta_loss"]),
+            f"{r['train_seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def converged_final(records: list[dict[str, Any]]) -> str | None:
+    """The final rows (mean ± std over seeds) and the paired difference of clean test perplexity to AdamW (95% CI)."""
+    from scipy.stats import t
+
+    eps = chosen_eps(records)
+    if eps is None:
+        return None
+    rows = [r for r in records if r["method"] != "acr" or r["settings"]["method"]["eps"] == eps]
+    grid = [c["eps"] for c in rows[0]["test"]["corrupted"]]
+    adamw = {r["seed"]: r["test"]["perplexity"] for r in rows if r["method"] == "adamw"}
+    lines = [
+        "| method | seeds | best step | test ppl | "
+        + " | ".join(f"ppl, eps {e:g}" for e in grid)
+        + " | ΔL, eps 1 | test ppl - AdamW (paired, 95% CI) |",
+        "|---|---|---|---|" + "---|" * len(grid) + "---|---|",
+    ]
+    for method in FINAL_METHODS:
+        runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        diffs = [r["test"]["perplexity"] - adamw[r["seed"]] for r in runs if r["seed"] in adamw]
+        if method == "adamw" or not diffs:
+            paired = "-"
+        elif len(diffs) == 1:
+            paired = f"{diffs[0]:+.1f} (1 seed)"
+        else:
+            half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            paired = f"{statistics.fmean(diffs):+.1f} ± {half:.1f} ({len(diffs)} seeds)"
+        cells = [
+            _label(runs[0]),
+            str(len(runs)),
+            _mean_std([r["best_step"] for r in runs]),
+            _mean_std([r["test"]["perplexity"] for r in runs]),
+            *(_mean_std([_at(r["test"], e)["perplexity"] for r in runs]) for e in grid),
+            _g(statistics.fmean(_at(r["test"], 1.0)["delta_loss"] for r in runs)),
+            paired,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str | None]]] = {
     "fragile-runs": ("where_fragile", fragile_runs),
     "fragile-type-paper": ("where_fragile", lambda rs: fragile_paper(rs, "type")),
     "fragile-layer-paper": ("where_fragile", lambda rs: fragile_paper(rs, "layer")),
     "fragile-type-l2": ("where_fragile", lambda rs: fragile_l2(rs, "type")),
     "fragile-layer-l2": ("where_fragile", lambda rs: fragile_l2(rs, "layer")),
+    "converged-lstm-sweep": ("converged", converged_sweep),
+    "converged-lstm": ("converged", converged_final),
 }
 
 
@@ -125,8 +211,9 @@ def tables(root: Path = RESULTS) -> dict[str, str]:
     out = {}
     for name, (finding, render) in TABLES.items():
         records = load_records(finding, root)
-        if records:
-            out[name] = render(records)
+        table = render(records) if records else None
+        if table is not None:
+            out[name] = table
     return out
 
 

@@ -122,6 +122,7 @@ def test_converged(tmp_path, cache):
         ("adamw_2x", "final"),
     ]
     methods = {r["method"]: r["settings"]["method"] for r in records}
+    adamw_ppl, acr_ppl, inf_ppl = (r["test"]["perplexity"] for r in (records[0], chosen, records[3]))
     inf_eps = eps / math.sqrt(num_params)
     assert methods["acr_inf"] == {"name": "acr_inf", "eps": inf_eps, "p": math.inf, "alpha": 0.5, "budget": 1}
     assert methods["sam"] == {"name": "sam", "eps": eps, "p": 2.0, "alpha": 1.0, "budget": 1}
@@ -133,6 +134,21 @@ def test_converged(tmp_path, cache):
         assert [c["eps"] for c in r["test"]["corrupted"]] == [1.0]
     assert len(list(tmp_path.glob("converged/lstm/*.json"))) == 6
     assert converged.main([*common, *argv]) == []  # every run has its record: nothing to do
+    tables = summarize.tables(tmp_path)
+    sweep = tables["converged-lstm-sweep"].splitlines()
+    assert [line.split(" | ")[0] for line in sweep[2:]] == [
+        "| adamw",
+        "| acr (eps 0.1, p 2, alpha 0.5)",
+        "| acr (eps 0.5, p 2, alpha 0.5)",
+    ]
+    final = [line.split(" | ") for line in tables["converged-lstm"].splitlines()[2:]]
+    assert [(row[0], row[1], row[-1]) for row in final] == [
+        ("| adamw", "1", "- |"),
+        (f"| acr (eps {eps:.3g}, p 2, alpha 0.5)", "1", f"{acr_ppl - adamw_ppl:+.1f} (1 seed) |"),
+        (f"| acr_inf (eps {inf_eps:.3g}, p inf, alpha 0.5)", "1", f"{inf_ppl - adamw_ppl:+.1f} (1 seed) |"),
+        (f"| sam (eps {eps:g}, p 2, alpha 1)", "1", f"{records[4]['test']['perplexity'] - adamw_ppl:+.1f} (1 seed) |"),
+        ("| adamw_2x", "1", f"{records[5]['test']['perplexity'] - adamw_ppl:+.1f} (1 seed) |"),
+    ]
 
 
 def test_acr_training(tmp_path, cache):
