@@ -27,6 +27,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import DatasetDict
@@ -124,6 +125,21 @@ def load_text_splits(args: LMArguments, seed: int) -> DatasetDict:
         },
         seed=seed,
     )
+
+
+def lm_card(raw: DatasetDict, metrics: dict[str, float]) -> dict[str, Any]:
+    """The language-model settings of ``_common.write_card``: task, metric, a usage prompt from the validation
+    text, the test perplexity."""
+    prompt = " ".join(raw["validation"][0]["text"].split()[:4]).replace('"', "'")
+    return {
+        "local_dataset": "de_en_small (English side)",
+        "task_type": "text-generation",
+        "metric_type": "perplexity",
+        "metric_name": "Perplexity",
+        "language": "en",
+        "usage": USAGE.replace("{example}", prompt),
+        "test_result": metrics.get("test_perplexity"),
+    }
 
 
 def lm_tokenizer(args: LMArguments, output_dir: str | Path, raw: DatasetDict) -> PreTrainedTokenizerBase:
@@ -239,13 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             faults,
             training=trainer_training(trainer) | {"block_size": block_size},
             what="A causal language model",
-            local_dataset="de_en_small (English side)",
-            task_type="text-generation",
-            metric_type="perplexity",
-            metric_name="Perplexity",
-            language="en",
-            usage=USAGE.replace("{example}", " ".join(raw["validation"][0]["text"].split()[:4]).replace('"', "'")),
-            test_result=metrics.get("test_perplexity"),
+            **lm_card(raw, metrics),
         )
         lines = [
             (

@@ -47,7 +47,7 @@ from _common import (
     summary,
     write_card,
 )
-from lm import USAGE, LMArguments, causal_lm, lm_tokenizer, load_text_splits, perplexity, tokenize_into_blocks
+from lm import LMArguments, causal_lm, lm_card, lm_tokenizer, load_text_splits, perplexity, tokenize_into_blocks
 
 from acr_optim import ACR
 from acr_optim.errors import exit_on_usage_error
@@ -307,13 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             faults,
             training=training,
             what="A causal language model (trained in a plain accelerate loop)",
-            local_dataset="de_en_small (English side)",
-            task_type="text-generation",
-            metric_type="perplexity",
-            metric_name="Perplexity",
-            language="en",
-            usage=USAGE.replace("{example}", " ".join(raw["validation"][0]["text"].split()[:4]).replace('"', "'")),
-            test_result=metrics.get("test_perplexity"),
+            **lm_card(raw, metrics),
         )
         lines = [
             (
