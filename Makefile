@@ -2,7 +2,7 @@
 #   make demo   - install into .venv, then run the De-En ACR recipe on its embedded default
 #   make test   - install into .venv, then run the test suite
 # and, for CI after `make test`:
-#   make test-oldest - the Trainer and PEFT integration tests against the oldest releases pyproject.toml accepts
+#   make test-oldest - the Trainer, PEFT and recipe tests against the oldest releases pyproject.toml accepts
 #   make test-quant  - the torchao cross-check of the fault models, in an environment of its own (an installed
 #                      torchao makes every transformers import print load errors, and breaks the oldest peft)
 # and `make docs` builds the documentation site (mkdocs.yml) into site/, as tests/test_docs.py does.
@@ -37,7 +37,6 @@ docs: install
 
 # The lower bounds of transformers, accelerate and peft in pyproject.toml, in a second environment (.venv has the
 # newest).  accelerate < 1.3 breaks transformers 5.0's Trainer; peft < 0.18 does not import with transformers 5.
-# The recipes' tests stay with the newest releases.
 OLDEST := transformers==5.0.0 accelerate==1.3.0 peft==0.18.0
 OLDEST_VENV := .venv-oldest
 
@@ -48,7 +47,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
-	$(OLDEST_VENV)/bin/python -m pytest -q tests/test_hf_callback.py tests/test_peft.py -k "not recipe"
+	$(OLDEST_VENV)/bin/python -m pytest -q tests/test_hf_callback.py tests/test_peft.py tests/test_recipes.py
 
 QUANT_VENV := .venv-quant
 

@@ -41,6 +41,7 @@ from transformers import (
     HfArgumentParser,
     MarianConfig,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -125,10 +126,22 @@ def fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "decoder_start_token_id": tokenizer.pad_token_id,
-            "forced_eos_token_id": tokenizer.eos_token_id,
         }
     )
     return config
+
+
+def seq2seq_from_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A new model from ``config`` sized to ``tokenizer``; generation starts from <pad> and ends with </s>
+    (set on ``generation_config``: transformers before 5.1 refuses to save generation settings in the config)."""
+    model = AutoModelForSeq2SeqLM.from_config(fit_to_tokenizer(config, tokenizer))
+    model.generation_config.update(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    return model
 
 
 @dataclass
@@ -169,12 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 training_args.output_dir, train_sentencepiece_style_tokenizer, texts, args.tokenizer_vocab_size
             )
         config = AutoConfig.from_pretrained(args.model_config) if args.model_config else MarianConfig(**TINY_MARIAN)
-        model = AutoModelForSeq2SeqLM.from_config(fit_to_tokenizer(config, tokenizer))
-        model.generation_config.update(
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
+        model = seq2seq_from_config(config, tokenizer)
 
     # Marian, BART and T5 average their cross-entropy themselves (no self.loss_function) and ignore
     # num_items_in_batch, but take **kwargs, so the Trainer would assume they normalise over the
