@@ -429,3 +429,23 @@ def test_cli_probes_a_lora_adapter_folder_as_its_merged_model(gpt2_dir, tmp_path
     # the adapter changes the model: the merged model is not the base model
     assert main(["--model", str(gpt2_dir), *common, "--output-dir", str(tmp_path / "base")]) == 0
     assert ProbeTable.from_json(tmp_path / "base" / "report.json").rows[0]["loss_clean"] != merged[0]["loss_clean"]
+
+
+def test_a_hub_name_goes_to_the_hub_and_a_prefix_to_the_pair(tmp_path, monkeypatch):
+    import acr_optim.cli.probe as cli
+
+    rows = datasets.Dataset.from_dict({"translation": [{"de": "ein hund", "en": "a dog"}]})
+    asked = []
+    monkeypatch.setattr(cli, "load_data", lambda spec, **kw: asked.append((spec, kw)) or (rows, {"dataset": spec[0]}))
+    args = build_parser().parse_args(["--model", "m", "--data", "wmt16", "--data-config", "de-en", "--output-dir", "o"])
+    args.source_lang, args.target_lang = "de", "en"
+    assert cli._load_rows(args, "seq2seq") == (rows, {"dataset": "wmt16"})
+    assert asked == [(["wmt16"], {"split": None, "config": "de-en"})]
+    _write_gz(tmp_path / "v.de.gz", ["ein hund"])
+    _write_gz(tmp_path / "v.en.gz", ["a dog"])
+    args.data = [str(tmp_path / "v")]
+    pairs, source = cli._load_rows(args, "seq2seq")
+    assert pairs["translation"] == rows["translation"] and source == {
+        "files": [str(tmp_path / f"v.{x}.gz") for x in ["de", "en"]]
+    }
+    assert len(asked) == 1

@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-from ..data import builder_for, infer_languages, load_data, load_files, load_parallel, parallel_files
+from ..data import (
+    builder_for,
+    infer_languages,
+    load_data,
+    load_files,
+    load_parallel,
+    looks_like_path,
+    parallel_files,
+)
 from ..errors import UsageError
 from ..faults import parse_fault
 from ..integrations.models import TASKS
@@ -195,8 +203,8 @@ def _load_rows(args: argparse.Namespace, task: str) -> tuple[Any, dict[str, Any]
     import datasets
 
     first = args.data[0]
-    pair = task == "seq2seq" and not args.target_data and len(args.data) == 1 and builder_for(first) == "text"
-    if pair and not Path(first).is_dir():
+    local = Path(first).is_file() or (not Path(first).exists() and looks_like_path(first))  # a file or a prefix
+    if task == "seq2seq" and not args.target_data and len(args.data) == 1 and local and builder_for(first) == "text":
         if args.source_lang is None or args.target_lang is None:
             source_lang, target_lang = infer_languages(first)
             args.source_lang, args.target_lang = args.source_lang or source_lang, args.target_lang or target_lang
