@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "recipes"))
 from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
-from de_en import TINY_MARIAN, fit_to_tokenizer
+from de_en import TINY_MARIAN, fit_to_tokenizer, seq2seq_from_config
 from lm import TINY_GPT2
-from records import RESULTS
+from records import RESULTS, read_record, record_path, write_record
 
 from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n
@@ -52,6 +52,7 @@ from acr_optim.optimizer import check_alpha
 from acr_optim.probe.metrics import bleu, perplexity
 
 TASKS = ("de_en", "lm")
+MODEL_SETTINGS = ("width", "layers", "vocab", "max_train", "eval_size", "block_size")
 METRIC = {"de_en": "bleu", "lm": "perplexity"}
 HIGHER_IS_BETTER = {"bleu": True, "perplexity": False}
 
@@ -145,7 +146,7 @@ class Task:
     def new_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         if self.name == "de_en":
-            return AutoModelForSeq2SeqLM.from_config(_marian_config(self.tokenizer, self.config))
+            return seq2seq_from_config(_marian_config(self.tokenizer, self.config), self.tokenizer)
         return AutoModelForCausalLM.from_config(_gpt2_config(self.tokenizer, self.config))
 
 
@@ -214,7 +215,7 @@ def stack(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
 
 def build_task(name: str, args: argparse.Namespace) -> Task:
     """The ``name`` task from ``args.data`` (tokenizer trained on its training text, cached under ``args.cache``)."""
-    cfg = {k: getattr(args, k) for k in ("width", "layers", "vocab", "max_train", "eval_size", "block_size")}
+    cfg = model_settings(args)
     cache = args.cache / f"tokenizer-{name}-{config_key(cfg)}"
     if name == "de_en":
         folder = args.data / "multi30k"
@@ -356,9 +357,53 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
     return model, run
 
 
-def epochs(task: Task, recipe: Recipe) -> float:
-    """Passes over the training set that ``recipe.steps`` batches make."""
-    return recipe.steps * recipe.batch_size / len(task.train)
+def model_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line settings that make a task and its model (the model cache's key)."""
+    return {k: getattr(args, k) for k in MODEL_SETTINGS}
+
+
+def fixed_budget_runs(
+    finding: str,
+    args: argparse.Namespace,
+    probe_settings: dict[str, Any],
+    probe_rows: Callable[[Task, nn.Module], list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """For each of ``args.tasks``, the record of the model trained for ``args.steps`` from ``args.seed``
+    (or reused from ``args.cache``) and measured by ``probe_rows``; a run whose record exists is read, not rerun."""
+    records = []
+    for name in args.tasks:
+        recipe = Recipe(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+        settings = {
+            "model": model_settings(args),
+            "recipe": {**asdict(recipe), "label": recipe.label, "optimizer": "AdamW, linear warmup 5% and decay"},
+            **probe_settings,
+        }
+        path = record_path(finding, name, f"steps{args.steps}-seed{args.seed}-{config_key(settings)}", args.results)
+        if not path.is_file():
+            task = build_task(name, args)
+            model, run = train(task, recipe, args.cache)
+            start = time.perf_counter()
+            rows = probe_rows(task, model)
+            record = {
+                "finding": finding,
+                "task": name,
+                "settings": settings,
+                "seed": recipe.seed,
+                "steps": recipe.steps,
+                "epochs": recipe.steps * recipe.batch_size / len(task.train),
+                "best_step": None,  # a fixed budget: the last step's model is probed
+                "train_seconds": run["train_seconds"],
+                "probe_seconds": time.perf_counter() - start,
+                "final_train_loss": run["final_loss"],
+                "num_params": run["num_params"],
+                "eval_data": task.eval_data,
+                "environment": environment(),
+                "rows": rows,
+            }
+            write_record(path, record)
+        print(f"{name}: {path}", flush=True)
+        records.append(read_record(path))  # as stored (tuples become lists), also for a new record
+    return records
 
 
 def environment() -> dict[str, Any]:

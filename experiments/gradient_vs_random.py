@@ -11,10 +11,11 @@ then measures, on held-out data, the metric (BLEU / perplexity) and the loss inc
   (each a probe with its own seed; one draw is one direction scaled across the eps grid),
   reported as mean and sample std over the draws,
 
-for ``n = all`` and ``n = --small-n``.  Writes ``corruption.csv`` (one row per task, method, n,
-eps), ``runs.json`` (training runs) and ``<task>_corruption.png`` under ``--out``::
+for ``n = all`` and ``n = --small-n``.  Writes one record per task,
+``--results/gradient_vs_random/<task>/<run id>.json`` (skipped when it exists);
+``experiments/summarize.py`` makes the tables and figures from the records::
 
-    python experiments/gradient_vs_random.py --steps 1500 --trials 5 --out outputs/experiments/gradient_vs_random
+    python experiments/gradient_vs_random.py --tasks lm --steps 500 --threads 1
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import _shared as S
 
 from acr_optim.probe import probe
 
+FINDING = "gradient_vs_random"
 DEFAULT_EPS = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 PERPLEXITY_TOP = 1e4
 
@@ -69,15 +71,6 @@ def corruption_rows(task: S.Task, model: Any, args: Any) -> list[dict[str, Any]]
             }
         )
     return rows
-
-
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -129,32 +122,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    ap = S.parser(__doc__.splitlines()[1], "gradient_vs_random")
+    """Train (or reuse) each task's model, probe it, write its record; returns the records."""
+    ap = S.parser(__doc__.splitlines()[1], FINDING)
     ap.add_argument("--eps", type=S.positive_float, nargs="+", default=DEFAULT_EPS, help="L2 norms of the corruption")
     ap.add_argument("--small-n", type=S.n_value, default=100, help="the small L0 limit n (besides n = all)")
     ap.add_argument("--trials", type=S.positive_int, default=5, help="random draws (>= 5 for a std)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD ascent steps (0 = the gradient corruption)")
-    ap.add_argument("--plot-only", action="store_true", help="redraw the figures from --out/corruption.csv")
     args = ap.parse_args(argv)
-    if args.plot_only:
-        rows = [{k: _number(v) for k, v in row.items()} for row in S.read_rows(args.out / "corruption.csv")]
-        for name in dict.fromkeys(r["task"] for r in rows):
-            plot([r for r in rows if r["task"] == name], args.out / f"{name}_corruption.png")
-        return rows
     S.setup(args)
-    rows, runs = [], []
-    for name in args.tasks:
-        task = S.build_task(name, args)
-        recipe = S.Recipe(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-        model, run = S.train(task, recipe, args.cache)
-        runs.append({"task": name, **run})
-        task_rows = corruption_rows(task, model, args)
-        plot(task_rows, args.out / f"{name}_corruption.png")
-        rows += task_rows
-        print(f"{name}: trained in {run['train_seconds']:.0f} s, {len(task_rows)} rows", flush=True)
-    S.write_rows(args.out / "corruption.csv", rows)
-    S.write_json(args.out / "runs.json", {"args": vars(args), "runs": runs})
-    return rows
+    probe_settings = {"probe": {k: getattr(args, k) for k in ("eps", "small_n", "trials", "pgd_steps")}}
+    return S.fixed_budget_runs(FINDING, args, probe_settings, lambda task, model: corruption_rows(task, model, args))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 #   bash experiments/run_all.sh [OUT]      (default OUT: outputs/experiments)
 # Budgets are optimizer steps: 600 for the translation model, 500 for the LM (each script's --steps).
 # Models are cached under OUT/cache, so the three findings share the seed-0 baselines.
-# where_fragile.py and converged.py write run records under experiments/results/ (a run whose record
-# exists is skipped); summarize.py --write-docs regenerates docs/results.md's tables from them.
+# gradient_vs_random.py, where_fragile.py and converged.py write run records under experiments/results/
+# (a run whose record exists is skipped); summarize.py --write-docs regenerates docs/results.md's tables from them.
 set -euo pipefail
 OUT=${OUT:-${1:-outputs/experiments}}
 DATA=${DATA:-../shared/data}
@@ -13,8 +13,8 @@ COMMON=(--data "$DATA" --cache "$OUT/cache" --threads 1)
 DE_EN=(--tasks de_en --steps 600)
 LM=(--tasks lm --steps 500)
 
-python experiments/gradient_vs_random.py "${COMMON[@]}" "${DE_EN[@]}" --out "$OUT/gradient_vs_random/de_en"
-python experiments/gradient_vs_random.py "${COMMON[@]}" "${LM[@]}" --out "$OUT/gradient_vs_random/lm"
+python experiments/gradient_vs_random.py "${COMMON[@]}" "${DE_EN[@]}"
+python experiments/gradient_vs_random.py "${COMMON[@]}" "${LM[@]}"
 python experiments/where_fragile.py "${COMMON[@]}" "${DE_EN[@]}"
 python experiments/where_fragile.py "${COMMON[@]}" "${LM[@]}"
 # Table 2: 3 seeds of baseline and ACR, plus amortized ACR (interval 2) on the LM; no sweep here.

@@ -39,6 +39,48 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
+def corruption(records: list[dict[str, Any]], task: str) -> str | None:
+    """Finding 1: metric and loss increase against eps for the gradient, PGD and random corruptions, per n."""
+    record = next((r for r in records if r["task"] == task), None)
+    if record is None:
+        return None
+    rows = record["rows"]
+    first = rows[0]
+    metric = first["metric"]
+    lines = []
+    for n in dict.fromkeys(r["n"] for r in rows):
+        at = {(r["method"], r["eps"]): r for r in rows if r["n"] == n}
+        draws = at["random", first["eps"]]["draws"]
+        lines += [
+            (
+                f"**{MODEL[task]}, n = {n}** (clean {metric} {first['metric_clean']:.2f}, clean loss "
+                f"{first['loss_clean']:.3f}; random: mean ± std over {draws} draws)"
+            ),
+            "",
+            (
+                f"| eps | {metric} gradient | {metric} PGD | {metric} random | ΔL gradient | ΔL PGD | ΔL random "
+                "| ΔL gradient / random |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for eps in dict.fromkeys(r["eps"] for r in rows if r["n"] == n):
+            g, pgd, rnd = at["gradient", eps], at["pgd", eps], at["random", eps]
+            ratio = _g(g["delta_loss_mean"] / rnd["delta_loss_mean"]) if rnd["delta_loss_mean"] > 0 else "-"
+            cells = [
+                f"{eps:g}",
+                _g(g["metric_mean"]),
+                _g(pgd["metric_mean"]),
+                f"{_g(rnd['metric_mean'])} ± {_g(rnd['metric_std'])}",
+                _g(g["delta_loss_mean"]),
+                _g(pgd["delta_loss_mean"]),
+                f"{_g(rnd['delta_loss_mean'])} ± {_g(rnd['delta_loss_std'])}",
+                ratio,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines[:-1])
+
+
 def _eps_rows(record: dict[str, Any], by: str, view: str) -> dict[float, list[dict[str, Any]]]:
     """``{eps: rows}`` of one grouping and view, each list from most to least fragile (largest loss increase first)."""
     out: dict[float, list[dict[str, Any]]] = {}
@@ -91,7 +133,7 @@ def fragile_l2(records: list[dict[str, Any]], by: str) -> str:
     return "\n".join(lines)
 
 
-def fragile_runs(records: list[dict[str, Any]]) -> str:
+def fixed_budget_runs(records: list[dict[str, Any]]) -> str:
     """The probed models: training budget, time and clean loss on the evaluation data."""
     lines = [
         "| model | parameters | steps | epochs | train s | probe s | final train loss | clean eval loss | eval data |",
@@ -106,7 +148,7 @@ def fragile_runs(records: list[dict[str, Any]]) -> str:
             f"{r['train_seconds']:.0f}",
             f"{r['probe_seconds']:.0f}",
             f"{r['final_train_loss']:.3f}",
-            f"{r['rows'][0]['loss_clean']:.3f}",
+            f"{r['rows'][0]['loss_clean']:.3f}",  # every row of a record probes the same clean model
             r["eval_data"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -196,7 +238,10 @@ def converged_final(records: list[dict[str, Any]]) -> str | None:
 
 
 TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str | None]]] = {
-    "fragile-runs": ("where_fragile", fragile_runs),
+    "corruption-de_en": ("gradient_vs_random", lambda rs: corruption(rs, "de_en")),
+    "corruption-lm": ("gradient_vs_random", lambda rs: corruption(rs, "lm")),
+    "corruption-runs": ("gradient_vs_random", fixed_budget_runs),
+    "fragile-runs": ("where_fragile", fixed_budget_runs),
     "fragile-type-paper": ("where_fragile", lambda rs: fragile_paper(rs, "type")),
     "fragile-layer-paper": ("where_fragile", lambda rs: fragile_paper(rs, "layer")),
     "fragile-type-l2": ("where_fragile", lambda rs: fragile_l2(rs, "type")),
@@ -235,10 +280,16 @@ def docs_tables(text: str) -> dict[str, str]:
 
 
 def figures(root: Path = RESULTS, folder: Path = FIGURES) -> list[Path]:
-    """The heatmaps of finding 2, ``<task>_<by>_<view>.png``, from the records."""
+    """The figures of finding 1, ``<task>_corruption.png``, and the heatmaps of finding 2,
+    ``<task>_<by>_<view>.png``, from the records."""
+    from gradient_vs_random import plot
+
     from acr_optim.probe import ProbeTable
 
     paths = []
+    for record in load_records("gradient_vs_random", root):
+        paths.append(folder / f"{record['task']}_corruption.png")
+        plot(record["rows"], paths[-1])
     for record in load_records("where_fragile", root):
         for by, view in dict.fromkeys((r["by"], r["view"]) for r in record["rows"]):
             rows = [r for r in record["rows"] if (r["by"], r["view"]) == (by, view)]

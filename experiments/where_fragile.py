@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
-from records import read_record, record_path, write_record
 
 from acr_optim.probe import group_parameters, probe
 
@@ -104,46 +102,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     S.setup(args)
     paper_n = {"type": args.paper_n_type, "layer": args.paper_n_layer}
-    records = []
-    for name in args.tasks:
-        recipe = S.Recipe(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-        task_views = {by: views(by, args.eps, args.paper_eps, paper_n) for by in args.by}
-        settings = {
-            "model": {
-                k: getattr(args, k) for k in ("width", "layers", "vocab", "max_train", "eval_size", "block_size")
-            },
-            "recipe": {**asdict(recipe), "label": recipe.label, "optimizer": "AdamW, linear warmup 5% and decay"},
-            "views": {by: [asdict(v) for v in vs] for by, vs in task_views.items()},
-        }
-        path = record_path(FINDING, name, f"steps{args.steps}-seed{args.seed}-{S.config_key(settings)}", args.results)
-        if path.is_file():
-            print(f"{name}: {path} exists, skipped", flush=True)
-            records.append(read_record(path))
-            continue
-        task = S.build_task(name, args)
-        model, run = S.train(task, recipe, args.cache)
-        start = time.perf_counter()
-        rows = [row for by, vs in task_views.items() for view in vs for row in fragility_rows(task, model, by, view)]
-        record = {
-            "finding": FINDING,
-            "task": name,
-            "settings": settings,
-            "seed": args.seed,
-            "steps": args.steps,
-            "epochs": S.epochs(task, recipe),
-            "best_step": None,  # a fixed budget: the last step's model is probed
-            "train_seconds": run["train_seconds"],
-            "probe_seconds": time.perf_counter() - start,
-            "final_train_loss": run["final_loss"],
-            "num_params": run["num_params"],
-            "eval_data": task.eval_data,
-            "environment": S.environment(),
-            "rows": rows,
-        }
-        write_record(path, record)
-        records.append(read_record(path))  # as stored (tuples become lists), like a skipped run's
-        print(f"{name}: {len(rows)} rows -> {path}", flush=True)
-    return records
+    task_views = {by: views(by, args.eps, args.paper_eps, paper_n) for by in args.by}
+
+    def rows(task: S.Task, model: Any) -> list[dict[str, Any]]:
+        return [row for by, vs in task_views.items() for view in vs for row in fragility_rows(task, model, by, view)]
+
+    views_settings = {"views": {by: [asdict(v) for v in vs] for by, vs in task_views.items()}}
+    return S.fixed_budget_runs(FINDING, args, views_settings, rows)
 
 
 if __name__ == "__main__":

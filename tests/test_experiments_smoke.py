@@ -8,7 +8,6 @@ not the findings.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -49,26 +48,34 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 
 def test_gradient_vs_random(tmp_path, cache):
-    eps = ["0.1", "1", "10"]
-    gradient_vs_random.main(
-        _args(tmp_path, cache, "--eps", *eps, "--small-n", "20", "--trials", "3", "--pgd-steps", "2")
-    )
-    rows = _read(tmp_path / "corruption.csv")
+    argv = ["--eps", "0.1", "1", "10", "--small-n", "20", "--trials", "3", "--pgd-steps", "2"]
+    records = gradient_vs_random.main(_args(tmp_path, cache, *argv, "--results", str(tmp_path / "results")))
+    assert [(r["task"], r["steps"], r["seed"], r["best_step"]) for r in records] == [
+        ("de_en", 3, 0, None),
+        ("lm", 3, 0, None),
+    ]
+    rows = [row for record in records for row in record["rows"]]
     assert len(rows) == 2 * 3 * 2 * 3  # tasks x methods x n x eps
-    assert {r["draws"] for r in rows if r["method"] == "random"} == {"3"}
-    assert {r["draws"] for r in rows if r["method"] != "random"} == {"1"}
+    assert {r["draws"] for r in rows if r["method"] == "random"} == {3}
+    assert {r["draws"] for r in rows if r["method"] != "random"} == {1}
     assert {r["metric"] for r in rows} == {"bleu", "perplexity"}
     key = lambda r: (r["task"], r["n"], r["eps"])
-    gradient = {key(r): float(r["delta_loss_mean"]) for r in rows if r["method"] == "gradient"}
+    gradient = {key(r): r["delta_loss_mean"] for r in rows if r["method"] == "gradient"}
     for r in rows:
         if r["method"] == "pgd":  # PGD keeps its best iterate, the gradient corruption being the first one
-            assert float(r["delta_loss_mean"]) >= gradient[key(r)]
+            assert r["delta_loss_mean"] >= gradient[key(r)]
         if r["task"] == "lm":  # perplexity is exp of the same mean loss
-            assert float(r["metric_clean"]) == pytest.approx(math.exp(float(r["loss_clean"])), rel=1e-6)
+            assert r["metric_clean"] == pytest.approx(math.exp(r["loss_clean"]), rel=1e-6)
+    tables = summarize.tables(tmp_path / "results")
     for task in ("de_en", "lm"):
-        assert (tmp_path / f"{task}_corruption.png").stat().st_size > 0
-    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
-    assert [(r["task"], r["steps"], r["acr_eps"]) for r in runs] == [("de_en", 3, None), ("lm", 3, None)]
+        lines = tables[f"corruption-{task}"].splitlines()
+        assert [line for line in lines if line.startswith("**")] == [
+            line for line in lines if line.startswith(f"**{summarize.MODEL[task]}, n = ")
+        ]
+        assert len(lines) == 2 * (4 + 3) + 1  # per n: caption, blank, header, rule, 3 eps; a blank between
+    figures = summarize.figures(tmp_path / "results", tmp_path)
+    assert [p.name for p in figures[:2]] == ["de_en_corruption.png", "lm_corruption.png"]
+    assert all(p.stat().st_size > 0 for p in figures[:2])
 
 
 def test_where_fragile(tmp_path, cache):
@@ -98,7 +105,9 @@ def test_where_fragile(tmp_path, cache):
     stamps = [p.stat().st_mtime_ns for p in paths]
     assert where_fragile.main(_args(tmp_path, cache, *argv, "--results", str(tmp_path / "results"))) == records
     assert [p.stat().st_mtime_ns for p in paths] == stamps  # existing records are skipped, not rewritten
-    assert sorted(summarize.tables(tmp_path / "results")) == sorted(summarize.TABLES)
+    assert sorted(summarize.tables(tmp_path / "results")) == sorted(
+        n for n in summarize.TABLES if n.startswith("fragile-")
+    )
     figures = summarize.figures(tmp_path / "results", tmp_path)
     assert len(figures) == 2 * 2 * 3 and all(p.stat().st_size > 0 for p in figures)
 
