@@ -1,0 +1,342 @@
+#!/usr/bin/env python
+"""Finding 4: does corruption-resistant training buy robustness to real faults?
+
+The finding-3 setting (tiny GPT-2 on WikiText-2, ``--steps`` optimizer steps, the same batches for
+every method of a seed) trained with four methods, all at the same number of steps:
+
+- ``adamw``: AdamW,
+- ``acr``: ``ACR(AdamW, eps=--acr-eps, p=2, alpha=0.5)`` (finding 3's setting),
+- ``acr_inf``: ``p = inf`` (the paper's L-inf case) with ``eps = --acr-eps / sqrt(N)``: the same L2
+  norm as ``acr`` when every one of the N weights moves by the full ``eps``,
+- ``sam``: ``ACR(p=2, alpha=1)`` with ``rho = --acr-eps``,
+
+then each model is probed on the held-out blocks under the real faults of ``FAULTS``
+(quantization, casts, random and worst-case bit flips, pruning; random ones over ``--trials``
+draws) and, for reference, the gradient corruption (paper Eq. 10, L2, whole model) at
+``--eval-eps``.  Every finished (method, seed) writes
+``--results/real_faults/<task>/<run id>.json`` and a run whose record exists is skipped, so the
+script resumes where it stopped.  ``--summarize`` builds the finding-4 tables and figure from the
+records alone and, with ``--write-docs``, puts them into docs/results.md between the
+``real_faults`` markers::
+
+    OMP_NUM_THREADS=1 python experiments/real_faults.py --threads 1
+    python experiments/real_faults.py --summarize --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _shared as S
+from converged import Method, final_methods
+from records import load_records, record_path, write_record
+from summarize import MODEL
+
+from acr_optim import ACR
+from acr_optim.probe import probe
+
+FINDING = "real_faults"
+FAULTS = (
+    "int8",
+    "int4:g32",
+    "bf16",
+    "fp8_e4m3",
+    "flip:1e-7",
+    "flip:1e-6",
+    "flip:1e-4:int8",
+    "flip:1e-3:int8",
+    "flip-worst:10",
+    "flip-worst:10:mantissa",
+    "prune:0.3",
+    "prune:0.5",
+    "prune:0.7",
+    "prune:0.9",
+)
+LABELS = {"adamw": "AdamW", "acr": "ACR", "acr_inf": "ACR p=inf", "sam": "SAM"}
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+FIGURE = DOCS.parent / "images" / "results" / "lm_real_faults.png"
+BEGIN, END = "<!-- real_faults:begin -->", "<!-- real_faults:end -->"
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LpRecipe(S.Recipe):
+    """``S.Recipe`` with ACR's ``p`` (which ``S.train`` leaves at 2): part of the model cache key."""
+
+    acr_p: float = 2.0
+
+
+def methods(eps: float, num_params: int) -> list[Method]:
+    """AdamW, ACR, ACR p=inf and SAM of ``converged.final_methods`` (without its 2x-budget AdamW)."""
+    return [m for m in final_methods(eps, num_params) if m.budget == 1]
+
+
+def train(task: S.Task, method: Method, seed: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """``S.train`` (model cache included) with ``method``; a ``p != 2`` run builds its ACR with that ``p``."""
+    common = {"seed": seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    if method.p == 2:
+        return S.train(task, S.Recipe(**common, acr_eps=method.eps, acr_alpha=method.alpha), args.cache)
+    recipe = LpRecipe(**common, acr_eps=method.eps, acr_alpha=method.alpha, acr_p=method.p)
+    with mock.patch.object(S, "ACR", functools.partial(ACR, p=method.p)):
+        return S.train(task, recipe, args.cache)
+
+
+def evaluate(task: S.Task, model: nn.Module, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Clean loss and metric, then one row per gradient eps and per fault (mean over draws for random faults)."""
+    table = probe(
+        model,
+        task.eval_batches,
+        eps=args.eval_eps,
+        method="gradient",
+        faults=list(FAULTS),
+        by="all",
+        metric_fn=task.metric_fn,
+        trials=args.trials,
+        seed=seed,
+    )
+    first = table.rows[0]
+    keys = ("eps", "trials", "loss", "delta_loss", "delta_loss_std", "delta_loss_max", "norm", "norm_inf", "broken")
+    return {
+        "loss": first["loss_clean"],
+        "metric_value": first[f"{task.metric}_clean"],
+        "rows": [
+            {"corruption": r["method"], **{k: r.get(k) for k in keys}, "metric_value": r[task.metric]}
+            for r in table.rows
+        ],
+    }
+
+
+def run(task: S.Task, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    model, trained = train(task, method, seed, args)
+    start = time.perf_counter()
+    scores = evaluate(task, model, args, seed)
+    return {
+        "finding": FINDING,
+        "task": task.name,
+        "method": method.name,
+        "settings": settings,
+        "seed": seed,
+        "steps": args.steps,
+        "best_step": args.steps,  # no early stopping: the last step's model
+        "epochs": args.steps * args.batch_size / len(task.train),
+        "train_seconds": trained["train_seconds"],
+        "final_train_loss": trained["final_loss"],
+        "num_params": trained["num_params"],
+        "eval_seconds": time.perf_counter() - start,
+        "metric": task.metric,
+        "eval_data": task.eval_data,
+        **scores,
+        "environment": S.environment(),
+    }
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every missing (task, seed, method) run, seed by seed; returns the records written."""
+    written = []
+    for name in args.tasks:
+        task = S.build_task(name, args)
+        num_params = sum(p.numel() for p in task.new_model(args.seed).parameters())
+        common = {"task": task.config, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+        common |= {"faults": list(FAULTS), "trials": args.trials, "eval_eps": args.eval_eps}
+        for seed in range(args.seed, args.seed + args.num_seeds):
+            for method in methods(args.acr_eps, num_params):
+                settings = {**common, "method": asdict(method)}
+                path = record_path(FINDING, name, f"{method.name}-seed{seed}-{S.config_key(settings)}", args.results)
+                if path.is_file():
+                    continue
+                print(f"{path.stem}: training / evaluating", flush=True)
+                record = run(task, method, seed, args, settings)
+                write_record(path, record)
+                written.append(record)
+                print(f"{path.stem}: done in {record['eval_seconds']:.0f} s of evaluation -> {path}", flush=True)
+    return written
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    """``mean ± std`` over seeds (the mean alone for one seed; ``broken`` where a seed's loss is infinite)."""
+    if not all(math.isfinite(v) for v in values):
+        return "broken"
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def paired(diffs: list[float], fmt: str) -> str:
+    """Mean of per-seed differences with the half-width of its 95% t interval; bold when it excludes 0."""
+    from scipy.stats import t
+
+    if not all(math.isfinite(d) for d in diffs):
+        return "broken"
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return f"{format(mean, '+' + fmt)} (1 seed)"
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    text = f"{format(mean, '+' + fmt)} ± {format(half, fmt)}"
+    return f"**{text}**" if abs(mean) > half else text
+
+
+def _label(corruption: str, eps: float | None) -> str:
+    return f"gradient, eps {eps:g}" if eps is not None else f"`{corruption}`"
+
+
+def _by_method(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{method: {seed: {"clean": (loss, metric), row label: row}}}`` in ``LABELS`` order."""
+    out: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in LABELS}
+    for r in records:
+        rows = {_label(row["corruption"], row["eps"]): row for row in r["rows"]}
+        out[r["method"]][r["seed"]] = {"clean": {"delta_loss": 0.0, "metric_value": r["metric_value"]}, **rows}
+    return {m: seeds for m, seeds in out.items() if seeds}
+
+
+def mean_table(records: list[dict[str, Any]]) -> str:
+    """Metric and loss increase (mean ± std over seeds) per corruption and method."""
+    runs = _by_method(records)
+    metric = records[0]["metric"]
+    names = list(next(iter(next(iter(runs.values())).values())))
+    head = [f"{LABELS[m]} (n={len(seeds)}): {metric} / ΔL" for m, seeds in runs.items()]
+    lines = ["| corruption | " + " | ".join(head) + " |", "|---|" + "---|" * len(runs)]
+    for name in names:
+        cells = [
+            f"{_cell([s[name]['metric_value'] for s in seeds.values()], '.1f')} / "
+            f"{_cell([s[name]['delta_loss'] for s in seeds.values()], '.3g')}"
+            for seeds in runs.values()
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(records: list[dict[str, Any]]) -> str:
+    """Per-seed paired difference to AdamW of the loss increase and of the faulty metric (95% t interval)."""
+    runs = _by_method(records)
+    adamw = runs["adamw"]
+    others = [m for m in runs if m != "adamw"]
+    metric = records[0]["metric"]
+    head = [f"{LABELS[m]} - AdamW: ΔL / {metric}" for m in others]
+    lines = ["| corruption | " + " | ".join(head) + " |", "|---|" + "---|" * len(others)]
+    for name in next(iter(adamw.values())):
+        cells = []
+        for m in others:
+            seeds = [s for s in runs[m] if s in adamw]
+            dl = [runs[m][s][name]["delta_loss"] - adamw[s][name]["delta_loss"] for s in seeds]
+            dm = [runs[m][s][name]["metric_value"] - adamw[s][name]["metric_value"] for s in seeds]
+            delta = "-" if name == "clean" else paired(dl, ".3g")
+            cells.append("-" if not seeds else f"{delta} / {paired(dm, '.1f')}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Loss increase per corruption (log scale), one bar per method: mean over seeds, std as error bar; no bar
+    where a draw broke the model (infinite loss)."""
+    from matplotlib.figure import Figure
+
+    runs = _by_method(records)
+    names = [n for n in next(iter(next(iter(runs.values())).values())) if n != "clean"]
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(runs)
+    for i, (m, seeds) in enumerate(runs.items()):
+        values = [[max(s[n]["delta_loss"], 1e-6) for s in seeds.values()] for n in names]
+        finite = [all(math.isfinite(x) for x in v) for v in values]
+        ax.bar(
+            [j + (i - (len(runs) - 1) / 2) * width for j in range(len(names))],
+            [statistics.fmean(v) if ok else math.nan for v, ok in zip(values, finite)],
+            width,
+            yerr=[statistics.stdev(v) if ok and len(v) > 1 else 0.0 for v, ok in zip(values, finite)],
+            capsize=1.5,
+            label=f"{LABELS[m]} (n={len(seeds)} seeds)",
+        )
+    ax.set_xticks(range(len(names)), [n.strip("`") for n in names], rotation=40, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("loss increase ΔL (floored at 1e-6)")
+    ax.set_title(
+        f"{MODEL[records[0]['task']]}: loss increase under real faults (mean ± std over seeds; no bar: model broken)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def section(records: list[dict[str, Any]]) -> str:
+    """The generated part of finding 4: both tables and the figure link."""
+    return "\n\n".join(
+        [
+            (
+                f"Metric / loss increase ΔL (mean ± std over seeds; {records[0]['eval_data']}; random faults: "
+                f"mean of {records[0]['settings']['trials']} draws per seed):"
+            ),
+            mean_table(records),
+            (
+                "Paired difference to AdamW (same seed, same batches), mean ± half-width of the 95% t interval "
+                "over seeds; **bold** where the interval excludes 0 (negative ΔL = more robust than AdamW):"
+            ),
+            paired_table(records),
+            f"![loss increase under real faults](images/results/{FIGURE.name})",
+        ]
+    )
+
+
+def fill_docs(text: str, generated: str) -> str:
+    """``text`` with the body between the real_faults markers replaced (a Finding 4 section appended if absent)."""
+    if BEGIN not in text:
+        return f"{text.rstrip()}\n\n## Finding 4: ACR and real faults\n\n{BEGIN}\n{generated}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{generated}\n{END}{rest.split(END, 1)[1]}"
+
+
+def docs_section(text: str) -> str:
+    """The body between the real_faults markers of a markdown text."""
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def summarize(args: argparse.Namespace) -> str:
+    records = load_records(FINDING, args.results)
+    records = [r for r in records if r["task"] == "lm"]
+    if not records:
+        raise SystemExit(f"no {FINDING} records under {args.results}")
+    generated = section(records)
+    if args.write_docs:
+        DOCS.write_text(fill_docs(DOCS.read_text(), generated))
+        plot(records, FIGURE)
+    else:
+        print(generated)
+    return generated
+
+
+def main(argv: list[str] | None = None) -> Any:
+    ap = S.parser(__doc__.splitlines()[1], FINDING)
+    ap.set_defaults(tasks=["lm"], steps=500, threads=1)
+    ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
+    ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR / SAM training eps (L2)")
+    ap.add_argument("--trials", type=S.positive_int, default=5, help="draws of each random fault")
+    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
+    ap.add_argument("--summarize", action="store_true", help="build the finding-4 tables from the records")
+    ap.add_argument("--write-docs", action="store_true", help=f"with --summarize: write {DOCS.name} and the figure")
+    args = ap.parse_args(argv)
+    if args.summarize:
+        return summarize(args)
+    S.setup(args)
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    main()
