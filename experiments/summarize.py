@@ -36,7 +36,13 @@ VIEW = {
 
 
 def _g(x: float) -> str:
-    return f"{x:.3g}"
+    """3 significant digits: 0.0123, 4.56, 7,890, 1.2e8 (no ``e+0`` clutter)."""
+    if not math.isfinite(x):
+        return str(x)
+    rounded = float(f"{x:.3g}")
+    if 1e3 <= abs(rounded) < 1e6:
+        return f"{rounded:,.0f}"
+    return f"{rounded:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def corruption(records: list[dict[str, Any]], task: str) -> str | None:
