@@ -22,7 +22,7 @@ COMMON = {"finding", "task", "settings", "seed", "steps", "epochs", "best_step",
 
 def test_records_load_where_they_belong():
     paths = sorted(RESULTS.glob("*/*/*.json"))
-    assert {p.parent.parent.name for p in paths} >= {"where_fragile"}
+    assert {p.parent.parent.name for p in paths} >= {"gradient_vs_random", "where_fragile"}
     for finding in {p.parent.parent.name for p in paths}:
         for record in load_records(finding):
             assert COMMON <= set(record), sorted(COMMON - set(record))
@@ -48,6 +48,6 @@ def test_docs_tables_are_what_summarize_prints():
     text = summarize.DOCS.read_text()
     in_docs = summarize.docs_tables(text)
     generated = summarize.tables()
-    assert {name for name in generated if name.startswith("fragile-")} <= set(in_docs)
+    assert {name for name in generated if name.startswith(("corruption-", "fragile-"))} <= set(in_docs)
     assert in_docs == {name: generated[name] for name in in_docs}
     assert summarize.fill_docs(text, generated) == text
