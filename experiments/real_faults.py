@@ -198,11 +198,12 @@ def _label(corruption: str, eps: float | None) -> str:
 
 
 def _by_method(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """``{method: {seed: {"clean": (loss, metric), row label: row}}}`` in ``LABELS`` order."""
+    """``{method: {seed: {row label: row}}}`` in ``LABELS`` order; the first label is ``clean`` (ΔL 0)."""
     out: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in LABELS}
     for r in records:
         rows = {_label(row["corruption"], row["eps"]): row for row in r["rows"]}
-        out[r["method"]][r["seed"]] = {"clean": {"delta_loss": 0.0, "metric_value": r["metric_value"]}, **rows}
+        clean = {"delta_loss": 0.0, "metric_value": r["metric_value"], "broken": 0.0}
+        out[r["method"]][r["seed"]] = {"clean": clean, **rows}
     return {m: seeds for m, seeds in out.items() if seeds}
 
 
@@ -214,13 +215,18 @@ def mean_table(records: list[dict[str, Any]]) -> str:
     head = [f"{LABELS[m]} (n={len(seeds)}): {metric} / ΔL" for m, seeds in runs.items()]
     lines = ["| corruption | " + " | ".join(head) + " |", "|---|" + "---|" * len(runs)]
     for name in names:
-        cells = [
-            f"{_cell([s[name]['metric_value'] for s in seeds.values()], '.1f')} / "
-            f"{_cell([s[name]['delta_loss'] for s in seeds.values()], '.3g')}"
-            for seeds in runs.values()
-        ]
+        cells = [_mean_cell([s[name] for s in seeds.values()], with_delta=name != "clean") for seeds in runs.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_cell(rows: list[dict[str, Any]], with_delta: bool) -> str:
+    """``metric / ΔL`` over seeds, or the share of draws (all seeds) whose loss was infinite."""
+    broken = statistics.fmean(r["broken"] or 0.0 for r in rows)  # None on the gradient rows
+    if broken:
+        return f"broken in {broken:.0%} of draws"
+    metric = _cell([r["metric_value"] for r in rows], ".1f")
+    return f"{metric} / {_cell([r['delta_loss'] for r in rows], '.3g')}" if with_delta else metric
 
 
 def paired_table(records: list[dict[str, Any]]) -> str:
