@@ -201,16 +201,10 @@ def parse_arguments(parser: HfArgumentParser, defaults: list[str], argv: list[st
         raise UsageError(str(err)) from None
 
 
-def load_splits(
-    args: RecipeArguments, load_file: Callable[[str, str], Dataset], defaults: dict[str, str], seed: int
+def _load_raw_splits(
+    args: RecipeArguments, load_file: Callable[[str, str], Dataset], defaults: dict[str, str]
 ) -> DatasetDict:
-    """``train``/``validation``/``test`` from the hub (``--dataset_name``), from files, or from ``defaults``.
-
-    ``load_file(spec, name=flag)`` reads one file argument (``flag`` names it in errors); ``defaults``
-    are used when neither the hub nor any file is given.  Without a validation split,
-    ``--validation_split_percentage`` of the training rows are held out (with ``seed``).  Each
-    split is then cut to its ``--max_*_samples``.
-    """
+    """The splits as given: from the hub (``--dataset_name``), from files, or from ``defaults``."""
     if args.dataset_name:
         raw = load_dataset(args.dataset_name, args.dataset_config_name)
         if "train" not in raw:
@@ -222,6 +216,21 @@ def load_splits(
         if not files["train"]:
             raise UsageError("--train_file is needed with --validation_file/--test_file")
         raw = DatasetDict({split: load_file(spec, name=f"--{split}_file") for split, spec in files.items() if spec})
+    return raw
+
+
+def load_splits(
+    args: RecipeArguments, load_file: Callable[[str, str], Dataset], defaults: dict[str, str], seed: int
+) -> DatasetDict:
+    """``train``/``validation``/``test`` from the hub (``--dataset_name``), from files, or from ``defaults``.
+
+    ``load_file(spec, name=flag)`` reads one file argument (``flag`` names it in errors); ``defaults``
+    are used when neither the hub nor any file is given.  Without a validation split,
+    ``--validation_split_percentage`` of the training rows are held out (with ``seed``).  Each
+    split is then cut to its ``--max_*_samples``.
+    """
+    with PartialState().main_process_first():  # one process builds the `datasets` cache, the others then read it
+        raw = _load_raw_splits(args, load_file, defaults)
     if "validation" not in raw:
         if len(raw["train"]) < 2:
             raise UsageError("the training data has fewer than 2 rows: too few to hold a validation split out")
