@@ -22,6 +22,7 @@ the corrupted pass draws fresh dropout masks (``ACRCallback`` replays the clean 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import sys
@@ -282,6 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows, faults = robustness_rows(metrics, "perplexity", args), fault_rows(metrics, "perplexity", args)
     if "test" in eval_loaders:
         metrics |= {f"test_{k}": v for k, v in evaluate("test").items()}
+    # Free the DDP wrapper while the process group is alive, then destroy the group. Left to exit, the
+    # gradient reducer can hold the group's last reference, and its destructor (GIL held) then waits
+    # for gloo's worker thread, which waits for the GIL: a hang (pytorch/pytorch#56297).
+    model = None
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     if accelerator.is_main_process:
         save_metrics(output_dir, "eval", {k: v for k, v in metrics.items() if not k.startswith("test_")})

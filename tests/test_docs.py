@@ -15,17 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # A ```python block runs unless the line before it is this comment (for code that needs a GPU or the hub).
 NOT_RUN = "<!-- not run -->"
+# README blocks use the reader's own `model`, `loader`, ...: the line before such a block names the
+# README_SETUP entries that define them (an HTML comment, invisible on the rendered page).
+SETUP = re.compile(r"<!-- setup: ([\w ]+) -->")
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
-def snippets(page: Path) -> list[tuple[int, str]]:
-    """``(line number, code)`` of the page's runnable ``python`` blocks, in order."""
+def snippets(page: Path) -> list[tuple[int, list[str], str]]:
+    """``(line number, setup names, code)`` of the page's runnable ``python`` blocks, in order."""
     text = page.read_text()
     found = []
     for match in FENCE.finditer(text):
-        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        if before.strip() != NOT_RUN:
-            found.append((text.count("\n", 0, match.start()) + 2, match[1]))
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+        if before != NOT_RUN:
+            setup = SETUP.fullmatch(before)
+            found.append((text.count("\n", 0, match.start()) + 2, setup[1].split() if setup else [], match[1]))
     return found
 
 
@@ -48,8 +52,58 @@ def test_the_guides_have_snippets():
 def test_page_snippets_run_in_order(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # files the snippets write land here
     namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for line, code in snippets(page):
+    for line, setup, code in snippets(page):
+        assert not setup, f"{page}:{line}: the guides define what their snippets use"
         exec(compile(code, f"{page}:{line}", "exec"), namespace)  # noqa: S102 (the page's own code)
+
+
+# What a README reader brings: a classifier and its loader, a tiny GPT-2 with batches, Trainer arguments
+# and a dataset, an accelerate set-up.
+README_SETUP = {
+    "classifier": """
+import torch
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+loader = [(torch.randn(4, 8), torch.randint(3, (4,))) for _ in range(3)]
+loss_fn = torch.nn.CrossEntropyLoss()
+x, y = loader[0]
+""",
+    "lm": """
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=64))
+ids = torch.randint(64, (6, 16))
+batches = [{"input_ids": ids[i : i + 2], "labels": ids[i : i + 2]} for i in range(0, 6, 2)]
+delta = torch.full_like(model.lm_head.weight, 1e-3)
+""",
+    "trainer": """
+from transformers import Trainer, TrainingArguments
+args = TrainingArguments("trainer", max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True)
+ds = [{"input_ids": row, "labels": row} for row in ids]
+""",
+    "accelerate": """
+import contextlib
+from accelerate import Accelerator
+from acr_optim import ACR
+accelerator = Accelerator(cpu=True)
+acr = ACR(torch.optim.AdamW(model.parameters(), lr=1e-3), eps=0.1)
+model, optimizer = accelerator.prepare(model, acr)
+batch, step_batches = batches[0], []
+""",
+}
+README = ROOT / "README.md"
+
+
+def test_readme_snippets_run_in_order(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    blocks = snippets(README)
+    assert len(blocks) >= 7 and all(name in README_SETUP for _, setup, _ in blocks for name in setup)
+    for line, setup, code in blocks:
+        for name in setup:
+            exec(README_SETUP[name], namespace)  # noqa: S102
+        exec(compile(code, f"{README}:{line}", "exec"), namespace)  # noqa: S102 (the README's own code)
 
 
 def _mkdocs() -> None:

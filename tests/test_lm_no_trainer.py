@@ -129,10 +129,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skip(
-    reason="hangs intermittently (one gloo rank left waiting after the other exits) when run after the "
-    "in-process runs of this file; passes alone; under investigation, see CHANGELOG 'Known issues'"
-)
 def test_two_processes_equal_one_process_with_the_same_global_batch(reference, model_config, tmp_path):
     out = tmp_path / "two_processes"
     # fmt: off

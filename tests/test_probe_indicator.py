@@ -256,3 +256,20 @@ def test_pgd_stops_where_the_loss_blows_up():
     assert grad.delta_loss == pgd.delta_loss == math.inf
     assert torch.equal(pgd.corruption["weight"], torch.tensor([[0.5]]))
     assert torch.equal(model.weight, torch.tensor([[0.5]]))
+
+
+def test_corrupted_accepts_either_name_of_a_tied_weight_and_refuses_both():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    before = emb.weight.detach().clone()
+    delta = torch.full((10, 4), 0.5)
+    for name in ("0.weight", "1.weight"):  # named_parameters() lists only "0.weight"
+        with corrupted(model, {name: delta}):
+            assert torch.equal(head.weight, before + 0.5) and torch.equal(emb.weight, before + 0.5)
+        assert torch.equal(emb.weight, before)
+    twice = pytest.raises(ValueError, match="tied parameter twice: '0.weight' and '1.weight'")
+    with twice, corrupted(model, {"0.weight": delta, "1.weight": delta}):
+        pass
+    assert torch.equal(emb.weight, before)

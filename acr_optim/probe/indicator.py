@@ -168,11 +168,17 @@ def _write(params: Sequence[nn.Parameter], values: Sequence[Tensor]) -> None:
 
 
 def _named_tensors(model: nn.Module, a: Mapping[str, Tensor]) -> tuple[list[nn.Parameter], list[Tensor]]:
-    params = dict(model.named_parameters())
+    # Every name a parameter is registered under counts: a tied weight is `lm_head.weight` as well as
+    # `transformer.wte.weight`, but one tensor, so naming it twice is refused rather than applied twice.
+    params = dict(model.named_parameters(remove_duplicate=False))
     unknown = [name for name in a if name not in params]
     if unknown:
         raise KeyError(f"a names parameters the model does not have: {unknown[:5]}")
+    seen: dict[int, str] = {}
     for name, delta in a.items():
+        if id(params[name]) in seen:
+            raise ValueError(f"a names one tied parameter twice: {seen[id(params[name])]!r} and {name!r}")
+        seen[id(params[name])] = name
         if delta.shape != params[name].shape:
             raise ValueError(f"a[{name!r}] has shape {tuple(delta.shape)}, the parameter {tuple(params[name].shape)}")
     return [params[name] for name in a], list(a.values())
@@ -181,6 +187,8 @@ def _named_tensors(model: nn.Module, a: Mapping[str, Tensor]) -> tuple[list[nn.P
 @contextlib.contextmanager
 def corrupted(model: nn.Module, a: Mapping[str, Tensor]) -> Iterator[nn.Module]:
     """Run a block with ``w <- w + a`` applied to the named parameters ``a`` (name -> tensor).
+
+    A tied weight may be named by any of its names (``lm_head.weight`` or ``transformer.wte.weight``), once.
 
     On exit (also on exceptions and ``KeyboardInterrupt``) the model is restored bit-exactly:
     parameter values are copied back (not ``w + a - a``), and buffers, ``.training``,
