@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import itertools
 import json
 import math
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,15 @@ def config_key(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def training_batches(task: Task, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches: epoch after epoch, each a fresh permutation drawn from ``seed``
+    (so every method trained from the same seed sees the same batches)."""
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        for indices in torch.randperm(len(task.train), generator=order).split(batch_size):
+            yield task.collate([task.train[i] for i in indices.tolist()])
+
+
 def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train a fresh model (init and batch order from ``recipe.seed``) for ``recipe.steps`` optimizer steps.
 
@@ -315,16 +325,10 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
         else ACR(base, eps=recipe.acr_eps, alpha=recipe.acr_alpha, interval=recipe.interval)
     )
     schedule = get_linear_schedule_with_warmup(base, max(1, recipe.steps // 20), recipe.steps)
-    order = torch.Generator().manual_seed(recipe.seed)
-    batches: list[list[int]] = []
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
-    for _ in range(recipe.steps):
-        if not batches:
-            batches = torch.randperm(len(task.train), generator=order).split(recipe.batch_size)
-            batches = [b.tolist() for b in batches][::-1]
-        batch = task.collate([task.train[i] for i in batches.pop()])
+    for batch in itertools.islice(training_batches(task, recipe.seed, recipe.batch_size), recipe.steps):
 
         def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
             loss = model(**batch).loss

@@ -1,0 +1,479 @@
+#!/usr/bin/env python
+"""The frontier: which method buys the most robustness per unit of compute, and at what clean cost?
+
+Every method trains the same model from the same seed on the same batches (``experiments/``' tiny
+GPT-2 on WikiText-2, or tiny Marian on Multi30k De->En) for ``--steps`` optimizer steps, AdamW
+underneath with the same learning-rate schedule, then is measured the same way:
+
+    compute     forward/backward passes (counted) and training wall seconds (measured)
+    clean       held-out loss and metric (perplexity / BLEU)
+    robustness  L(w + a) - L(w) under the gradient corruption a (paper Eq. 10, L2, whole model) at
+                ``--eval-eps``, and the loss increase under int4 weights and random / worst bit flips
+
+Methods (``METHODS``): AdamW at 1x, 1.2x, 1.5x and 2x the steps (its own compute curve: the
+compute-matched baselines of every 1.2-, 1.5- and 2-pass method); ACR at ``interval`` 1/2/5, ``p``
+2/inf, ``n`` all/1 %, ``alpha`` 0.5/1; and the SAM family of ``pytorch-optimizer`` (SAM, ASAM, GSAM,
+WSAM, LookSAM, FriendlySAM) at their documented defaults and at ``rho`` = ACR's ``eps``. Each
+(method, seed) writes a JSON record under ``--results``; a run whose record exists is skipped, so
+the script resumes where it stopped. ``--summarize`` builds the table, the per-peer verdicts and
+the Pareto plot from the records alone (``--write-docs``: into benchmarks/README.md)::
+
+    pip install -r benchmarks/requirements.txt
+    OMP_NUM_THREADS=1 python benchmarks/frontier.py --threads 1                 # ~45 min a seed
+    python benchmarks/frontier.py --summarize --write-docs
+    python benchmarks/frontier.py --quick --results /tmp/frontier               # smoke run, ~1 min
+
+BSAM is left out: it is not a wrapper around AdamW but its own (SGD-like, variational) update, so
+at AdamW's learning rate it is a different optimizer, not a different perturbation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import _shared as S
+from records import load_records, read_record, record_path, write_record
+
+from acr_optim import ACR
+from acr_optim.probe import probe
+
+BENCHMARK = "frontier"
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent / "README.md"
+FIGURE = RESULTS / "frontier_lm.png"
+BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
+QUICK_METHODS = ["adamw_1x", "adamw_2x", "acr", "acr_k2", "acr_a1", "sam_tuned", "gsam", "wsam", "looksam"]
+FAULTS = ("int4:g32", "flip:1e-3:int8", "flip-worst:10:mantissa")
+
+
+# -- methods ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: how to build its optimizer around AdamW and how one step drives it.
+
+    ``driver``: ``"plain"`` (one backward, ``step()``), ``"closure"`` (``step(closure)`` does every
+    pass: ACR, WSAM, GSAM), ``"sam"`` (clean backward, then ``step(closure)``: SAM, ASAM,
+    FriendlySAM), ``"looksam"`` (as ``"sam"``, without the clean backward on the steps where LookSAM
+    reuses its last direction and zeroes it anyway). ``budget`` multiplies ``--steps``.
+    """
+
+    name: str
+    family: str  # "AdamW", "ACR" or the peer's class name
+    build: Callable[[nn.Module, float], torch.optim.Optimizer]
+    driver: str = "closure"
+    budget: float = 1.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def _acr(eps: float, **kwargs: Any) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
+    rest = {k: v for k, v in kwargs.items() if k != "n_fraction"}
+
+    def build(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        fraction = kwargs.get("n_fraction")
+        n = None if fraction is None else max(1, round(fraction * sum(p.numel() for p in model.parameters())))
+        return ACR(_adamw(model, lr), eps=eps, n=n, **rest)
+
+    return build
+
+
+def _peer(name: str, **kwargs: Any) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
+    def build(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        import pytorch_optimizer as po
+
+        if name == "GSAM":  # a rho schedule is required; constant here, as for every other method
+            base = _adamw(model, lr)
+            schedule = torch.optim.lr_scheduler.LambdaLR(base, lambda _: 1.0)
+            rho = po.ProportionScheduler(
+                schedule, max_lr=lr, min_lr=0.0, max_value=kwargs["rho"], min_value=kwargs["rho"]
+            )
+            rest = {k: v for k, v in kwargs.items() if k != "rho"}
+            return po.GSAM(model.parameters(), base, model, rho, **rest)
+        if name == "WSAM":
+            return po.WSAM(model, model.parameters(), torch.optim.AdamW, lr=lr, **kwargs)
+        return getattr(po, name)(model.parameters(), torch.optim.AdamW, lr=lr, **kwargs)
+
+    return build
+
+
+def methods(eps: float, num_params: int) -> list[Method]:
+    """Every method of the benchmark; ``eps`` is ACR's training radius (L2) and the peers' tuned ``rho``."""
+    inf_eps = eps / math.sqrt(num_params)  # p = inf: the same L2 length when every weight moves by inf_eps
+    adamw = [Method(f"adamw_{b:g}x", "AdamW", _adamw, "plain", b, {"budget": b}) for b in (1, 1.2, 1.5, 2)]
+    acr = [
+        Method(name, "ACR", _acr(e, **kw), settings={"eps": e, **kw})
+        for name, e, kw in (
+            ("acr", eps, {"alpha": 0.5}),
+            ("acr_k2", eps, {"alpha": 0.5, "interval": 2}),
+            ("acr_k5", eps, {"alpha": 0.5, "interval": 5}),
+            ("acr_inf", inf_eps, {"alpha": 0.5, "p": math.inf}),
+            ("acr_n1pct", eps, {"alpha": 0.5, "n_fraction": 0.01}),
+            ("acr_a1", eps, {"alpha": 1.0}),
+            ("acr_a1_k5", eps, {"alpha": 1.0, "interval": 5}),
+        )
+    ]
+    # (name, class, driver, documented defaults); every peer runs at those and at rho = eps.
+    peers = (
+        ("sam", "SAM", "sam", {"rho": 0.05}),
+        ("asam", "SAM", "sam", {"rho": 0.05, "adaptive": True}),
+        ("gsam", "GSAM", "closure", {"rho": 0.05, "alpha": 0.4}),
+        ("wsam", "WSAM", "closure", {"rho": 0.05, "gamma": 0.9}),
+        ("looksam", "LookSAM", "looksam", {"rho": 0.1, "k": 10, "alpha": 0.7}),
+        ("friendlysam", "FriendlySAM", "sam", {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9}),
+    )
+    family = {"asam": "ASAM"}
+    peer_methods = [
+        Method(f"{name}{suffix}", family.get(name, cls), _peer(cls, **kw), driver, settings=kw)
+        for name, cls, driver, defaults in peers
+        for suffix, kw in (("", defaults), ("_tuned", {**defaults, "rho": eps}))
+    ]
+    return adamw + acr + peer_methods
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+
+def train(task: S.Task, method: Method, seed: int, steps: int, args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """``steps * method.budget`` optimizer steps from ``seed``; returns the model and the compute it took."""
+    model = task.new_model(seed).train()
+    optimizer = method.build(model, args.lr)
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    total = round(steps * method.budget)
+    schedule = get_linear_schedule_with_warmup(base, max(1, total // 20), total)
+    passes = 0
+    start = time.perf_counter()
+    for batch in itertools.islice(S.training_batches(task, seed, args.batch_size), total):
+
+        def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+            nonlocal passes
+            passes += 1
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        optimizer.zero_grad()
+        if method.driver == "plain":
+            closure()
+            optimizer.step()
+        elif method.driver == "closure" and method.family == "GSAM":
+            optimizer.step(torch.enable_grad()(lambda: (None, closure())))  # GSAM zeroes the grads itself
+        elif method.driver == "closure":
+            optimizer.step(closure)
+        else:  # SAM-style: the clean gradient first (LookSAM zeroes it on its reuse steps: skip it there)
+            if method.driver != "looksam" or optimizer.get_step() % optimizer.k == 0:
+                closure()
+            optimizer.step(closure)
+        schedule.step()
+    seconds = time.perf_counter() - start
+    return model.eval(), {"steps": total, "passes": passes, "train_seconds": seconds}
+
+
+def evaluate(task: S.Task, model: nn.Module, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Clean loss and metric; the loss increase under the gradient corruption at each eval eps and each fault."""
+    table = probe(
+        model,
+        task.eval_batches,
+        eps=args.eval_eps,
+        method="gradient",
+        faults=list(args.faults),
+        by="all",
+        metric_fn=task.metric_fn,
+        trials=args.trials,
+        seed=seed,
+    )
+    first = table.rows[0]
+    return {
+        "loss": first["loss_clean"],
+        "metric_value": first[f"{task.metric}_clean"],
+        "rows": [
+            {
+                "corruption": r["method"],
+                "eps": r.get("eps"),
+                "delta_loss": r["delta_loss"],
+                "metric_value": r[task.metric],
+            }
+            for r in table.rows
+        ],
+    }
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every missing (task, method, seed) run; returns every record of the requested runs."""
+    records = []
+    for name in args.tasks:
+        task = S.build_task(name, args)
+        num_params = sum(p.numel() for p in task.new_model(0).parameters())
+        chosen = [m for m in methods(args.acr_eps, num_params) if not args.methods or m.name in args.methods]
+        for seed, method in itertools.product(range(args.seed, args.seed + args.num_seeds), chosen):
+            settings = {
+                "model": S.model_settings(args),
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "method": method.settings,
+                "eval_eps": args.eval_eps,
+                "faults": list(args.faults),
+                "trials": args.trials,
+            }
+            path = record_path(BENCHMARK, name, f"{method.name}-seed{seed}-{S.config_key(settings)}", args.results)
+            if not path.is_file():
+                print(f"{name} {method.name} seed {seed}: training", flush=True)
+                model, compute = train(task, method, seed, args.steps, args)
+                start = time.perf_counter()
+                scores = evaluate(task, model, seed, args)
+                record = {
+                    "benchmark": BENCHMARK,
+                    "task": name,
+                    "method": method.name,
+                    "family": method.family,
+                    "settings": settings,
+                    "seed": seed,
+                    **compute,
+                    "passes_per_step": compute["passes"] / compute["steps"],
+                    "num_params": num_params,
+                    "eval_seconds": time.perf_counter() - start,
+                    "metric": task.metric,
+                    "eval_data": task.eval_data,
+                    "environment": S.environment(),
+                    **scores,
+                }
+                write_record(path, record)
+            records.append(read_record(path))
+            print(f"{name} {method.name} seed {seed}: {path.name}", flush=True)
+    return records
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    """A method's mean over seeds: compute, clean loss and metric, loss increase per corruption."""
+
+    method: str
+    family: str
+    seeds: int
+    passes: float  # per AdamW-1x step count (1.0 = AdamW's compute)
+    seconds: float
+    loss: float
+    metric: float
+    delta: dict[str, tuple[float, float]]  # corruption label -> (mean, std) of the loss increase
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"eps {row['eps']:g}" if row["corruption"] == "gradient" else row["corruption"]
+
+
+def points(records: list[dict[str, Any]]) -> list[Point]:
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    found = []
+    for name, runs in by_method.items():
+        labels = [_label(row) for row in runs[0]["rows"]]
+        deltas = {lab: [next(x["delta_loss"] for x in r["rows"] if _label(x) == lab) for r in runs] for lab in labels}
+        found.append(
+            Point(
+                method=name,
+                family=runs[0]["family"],
+                seeds=len(runs),
+                passes=statistics.fmean(r["passes"] / r["settings"]["steps"] for r in runs),
+                seconds=statistics.fmean(r["train_seconds"] for r in runs),
+                loss=statistics.fmean(r["loss"] for r in runs),
+                metric=statistics.fmean(r["metric_value"] for r in runs),
+                delta={lab: S.mean_std(v) for lab, v in deltas.items()},
+            )
+        )
+    return sorted(
+        found,
+        key=lambda q: (["AdamW", "ACR"].index(q.family) if q.family in ("AdamW", "ACR") else 2, q.passes, q.method),
+    )
+
+
+def dominates(a: Point, b: Point, robustness: str, slack: float = 0.02) -> bool:
+    """``a`` is at least as good as ``b`` on compute (within ``slack``), clean loss and ``robustness``."""
+    return a.passes <= b.passes * (1 + slack) and a.loss <= b.loss and a.delta[robustness][0] <= b.delta[robustness][0]
+
+
+def verdicts(found: list[Point], robustness: str) -> list[str]:
+    """Per peer: the ACR settings that dominate it, or the one closest to doing so and where it falls short."""
+    acr = [q for q in found if q.family == "ACR"]
+    lines = []
+    for peer in (q for q in found if q.family not in ("AdamW", "ACR")):
+        winners = [q.method for q in acr if dominates(q, peer, robustness)]
+        if winners:
+            lines.append(f"- `{peer.method}`: dominated by {', '.join(f'`{w}`' for w in winners)}.")
+            continue
+        affordable = [q for q in acr if q.passes <= peer.passes * 1.02] or acr
+        best = min(affordable, key=lambda q: q.delta[robustness][0])
+        short = []
+        if best.loss > peer.loss:
+            short.append(f"clean loss {best.loss:.3f} vs {peer.loss:.3f}")
+        if best.delta[robustness][0] > peer.delta[robustness][0]:
+            short.append(f"{robustness} increase {best.delta[robustness][0]:.3f} vs {peer.delta[robustness][0]:.3f}")
+        if best.passes > peer.passes * 1.02:
+            short.append(f"passes {best.passes:.2f} vs {peer.passes:.2f}")
+        lines.append(
+            f"- `{peer.method}`: **not dominated**; the most robust affordable ACR, `{best.method}`, loses on {'; '.join(short)}."
+        )
+    return lines
+
+
+def table(found: list[Point], metric: str) -> str:
+    labels = list(found[0].delta)
+    head = [
+        "method",
+        "family",
+        "seeds",
+        "passes (x AdamW)",
+        "train s",
+        "clean loss",
+        metric,
+        *(f"ΔL {lab}" for lab in labels),
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for q in found:
+        cells = [
+            f"`{q.method}`",
+            q.family,
+            str(q.seeds),
+            f"{q.passes:.2f}",
+            f"{q.seconds:.0f}",
+            f"{q.loss:.3f}",
+            f"{q.metric:.2f}",
+        ]
+        cells += [f"{m:.3f} ± {s:.3f}" for m, s in q.delta.values()]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(found: list[Point], robustness: str, metric: str, path: Path) -> None:
+    """Robustness against compute (colour: clean metric), and robustness against clean loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"AdamW": "s", "ACR": "o"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    values = [q.metric for q in found]
+    norm = matplotlib.colors.Normalize(min(values), max(values))
+    for q in found:
+        y = q.delta[robustness][0]
+        left.scatter(q.passes, y, c=[q.metric], cmap="viridis", norm=norm, marker=markers.get(q.family, "^"), s=60)
+        right.scatter(
+            q.loss,
+            y,
+            color="C0" if q.family == "ACR" else "C3" if q.family == "AdamW" else "C2",
+            marker=markers.get(q.family, "^"),
+            s=60,
+        )
+        for ax, x in ((left, q.passes), (right, q.loss)):
+            ax.annotate(q.method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    left.set(
+        xlabel="forward/backward passes per step (AdamW = 1)",
+        ylabel=f"loss increase, {robustness}",
+        yscale="log",
+        title="robustness per compute (square AdamW, circle ACR, triangle peers)",
+    )
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=left, label=f"clean {metric}")
+    right.set(
+        xlabel="clean held-out loss",
+        ylabel=f"loss increase, {robustness}",
+        yscale="log",
+        title="robustness against clean quality (lower left is better)",
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize(args: argparse.Namespace) -> str:
+    """The markdown section of every task's records (and the figure with ``--write-docs``)."""
+    parts = []
+    for name in args.tasks:
+        records = [r for r in load_records(BENCHMARK, args.results) if r["task"] == name]
+        if not records:
+            continue
+        found = points(records)
+        robustness = f"eps {records[0]['settings']['eval_eps'][0]:g}"
+        first = records[0]
+        parts += [
+            (
+                f"### {name}: {first['num_params']:,} parameters, {first['settings']['steps']} steps of "
+                f"{first['settings']['batch_size']}, {first['eval_data']}"
+            ),
+            "",
+            table(found, first["metric"]),
+            "",
+            (
+                f"Per peer, against every ACR setting at no more compute, no worse clean loss and no larger loss "
+                f"increase under the gradient corruption at {robustness} (means over seeds):"
+            ),
+            "",
+            *verdicts(found, robustness),
+            "",
+        ]
+        if args.write_docs and name == "lm":
+            plot(found, robustness, first["metric"], args.figure)
+            parts += [f"![frontier]({args.figure.relative_to(README.parent).as_posix()})", ""]
+    return "\n".join(parts)
+
+
+def fill(text: str, generated: str) -> str:
+    """``text`` with the part between the frontier markers replaced by ``generated``."""
+    head, rest = text.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{generated}\n{END}{rest.split(END, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> Any:
+    ap = S.parser(__doc__.splitlines()[1], BENCHMARK)
+    ap.set_defaults(width=128, layers=2, vocab=2000, steps=300, threads=1, tasks=["lm"], results=RESULTS)
+    ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
+    ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR training eps (L2); the peers' tuned rho")
+    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
+    ap.add_argument("--faults", nargs="+", default=list(FAULTS), help="acr_optim.faults specs")
+    ap.add_argument("--trials", type=S.positive_int, default=3, help="draws of each random fault")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these method names (default: all)")
+    ap.add_argument("--quick", action="store_true", help="a tiny model, a few steps, 5 methods, 1 seed: a smoke run")
+    ap.add_argument("--summarize", action="store_true", help="print the tables from the records")
+    ap.add_argument("--write-docs", action="store_true", help=f"with --summarize: into {README.name} and the figure")
+    ap.add_argument("--figure", type=Path, default=FIGURE)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.width, args.layers, args.vocab, args.max_train, args.eval_size, args.block_size = 32, 1, 300, 300, 4, 32
+        args.steps, args.num_seeds, args.trials = 6, 1, 1
+        args.methods = args.methods or QUICK_METHODS
+    if args.summarize:
+        section = summarize(args)
+        print(section)
+        if args.write_docs:
+            README.write_text(fill(README.read_text(), section))
+        return section
+    S.setup(args)
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    main()

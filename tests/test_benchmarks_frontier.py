@@ -1,0 +1,98 @@
+"""benchmarks/frontier.py: every method trains on the same batches with the compute it claims (passes counted
+exactly), ACR at p=2, alpha=1 is pytorch-optimizer's SAM at the same rho, runs resume from their records, and
+the summary's verdicts follow its dominance rule."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("pytorch_optimizer")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import frontier
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    if not (DATA / "wikitext-2").is_dir():
+        pytest.skip(f"{DATA}/wikitext-2 is absent")
+    root = tmp_path_factory.mktemp("frontier")
+    command = [sys.executable, str(REPO / "benchmarks" / "frontier.py"), "--quick", "--results", str(root / "results")]
+    command += ["--cache", str(root / "cache"), "--out", str(root / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = {r["method"]: r for r in frontier.load_records(frontier.BENCHMARK, root / "results")}
+    return root, records, first.stdout, again.stdout
+
+
+def test_every_method_counts_the_passes_it_claims(quick):
+    _, records, _, _ = quick
+    assert sorted(records) == sorted(frontier.QUICK_METHODS)
+    # 6 steps; ACR interval 2 corrupts steps 0, 2, 4; LookSAM (k=10) computes its direction on step 0 only.
+    expected = {"adamw_1x": 6, "adamw_2x": 12, "acr": 12, "acr_k2": 9, "acr_a1": 12, "sam_tuned": 12}
+    expected |= {"gsam": 12, "wsam": 12, "looksam": 7}
+    assert {name: r["passes"] for name, r in records.items()} == expected
+    assert records["adamw_2x"]["steps"] == 12 and records["acr"]["steps"] == 6
+    for r in records.values():  # the whole model: one row per eval eps and per fault
+        assert [row["corruption"] for row in r["rows"]] == ["gradient"] * 2 + list(frontier.FAULTS)
+
+
+def test_acr_at_p2_alpha1_trains_the_model_sam_trains(quick):
+    _, records, _, _ = quick
+    acr, sam = records["acr_a1"], records["sam_tuned"]
+    assert acr["settings"]["method"]["eps"] == sam["settings"]["method"]["rho"]
+    assert acr["loss"] == pytest.approx(sam["loss"], rel=1e-5)
+    assert acr["loss"] != pytest.approx(records["adamw_1x"]["loss"], rel=1e-3)  # and that is not AdamW's model
+
+
+def test_a_second_invocation_trains_nothing(quick):
+    _, _, first, again = quick
+    assert first.count(": training") == len(frontier.QUICK_METHODS)
+    assert ": training" not in again
+
+
+def test_summary_lists_every_method_and_a_verdict_per_peer(quick):
+    root, records, _, _ = quick
+    section = frontier.main(["--quick", "--results", str(root / "results"), "--summarize"])
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert sorted(line.split("`")[1] for line in rows) == sorted(records)
+    verdicts = [line for line in section.splitlines() if line.startswith("- `")]
+    assert sorted(line.split("`")[1] for line in verdicts) == ["gsam", "looksam", "sam_tuned", "wsam"]
+
+
+def point(name: str, passes: float, loss: float, delta: float) -> frontier.Point:
+    return frontier.Point(
+        name, "ACR" if name.startswith("acr") else "SAM", 3, passes, 1.0, loss, 0.0, {"eps 1": (delta, 0)}
+    )
+
+
+def test_dominance_needs_compute_clean_loss_and_robustness_all_no_worse():
+    peer = point("sam", 2.0, 3.0, 0.5)
+    assert frontier.dominates(point("acr", 2.0, 3.0, 0.5), peer, "eps 1")
+    assert frontier.dominates(point("acr", 2.04, 2.9, 0.4), peer, "eps 1")  # within the 2 % compute slack
+    assert not frontier.dominates(point("acr", 2.1, 2.9, 0.4), peer, "eps 1")
+    assert not frontier.dominates(point("acr", 1.5, 3.01, 0.4), peer, "eps 1")
+    assert not frontier.dominates(point("acr", 1.5, 2.9, 0.51), peer, "eps 1")
+    found = [point("acr_k2", 1.5, 3.1, 0.3), point("acr", 2.0, 2.9, 0.45), peer]
+    assert frontier.verdicts(found, "eps 1") == ["- `sam`: dominated by `acr`."]
+    found[1] = point("acr", 2.0, 3.05, 0.45)
+    assert frontier.verdicts(found, "eps 1") == [
+        "- `sam`: **not dominated**; the most robust affordable ACR, `acr_k2`, loses on clean loss 3.100 vs 3.000."
+    ]
+
+
+def test_fill_replaces_only_the_marked_section():
+    text = f"head\n{frontier.BEGIN}\nold\n{frontier.END}\ntail\n"
+    assert frontier.fill(text, "new") == f"head\n{frontier.BEGIN}\nnew\n{frontier.END}\ntail\n"
