@@ -47,7 +47,7 @@ from transformers import get_linear_schedule_with_warmup
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import _shared as S
-from records import load_records, read_record, record_path, write_record
+from records import commit_record, load_records, read_record, record_path, write_record
 
 from acr_optim import ACR
 from acr_optim.probe import probe
@@ -258,6 +258,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     **scores,
                 }
                 write_record(path, record)
+                if args.commit:
+                    commit_record(path, BENCHMARK)
             records.append(read_record(path))
             print(f"{name} {method.name} seed {seed}: {path.name}", flush=True)
     return records
@@ -456,6 +458,7 @@ def main(argv: list[str] | None = None) -> Any:
     ap.add_argument("--faults", nargs="+", default=list(FAULTS), help="acr_optim.faults specs")
     ap.add_argument("--trials", type=S.positive_int, default=3, help="draws of each random fault")
     ap.add_argument("--methods", nargs="+", default=None, help="only these method names (default: all)")
+    ap.add_argument("--commit", action="store_true", help="git-commit each record as it is written")
     ap.add_argument("--quick", action="store_true", help="a tiny model, a few steps, 5 methods, 1 seed: a smoke run")
     ap.add_argument("--summarize", action="store_true", help="print the tables from the records")
     ap.add_argument("--write-docs", action="store_true", help=f"with --summarize: into {README.name} and the figure")

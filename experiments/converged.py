@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 from _common import load_text_file, train_byte_level_tokenizer
-from records import chosen_eps, load_records, record_path, write_record
+from records import chosen_eps, commit_record, load_records, record_path, write_record
 
 from acr_optim import ACR
 from acr_optim.probe import probe
@@ -215,19 +214,6 @@ def final_methods(eps: float, num_params: int) -> list[Method]:
     ]
 
 
-def commit(path: Path) -> None:
-    """``git add`` and commit this one record, retrying while another process holds the index lock."""
-    message = f"experiments: converged record {path.stem}"
-    for attempt in range(20):
-        add = subprocess.run(["git", "add", "--", str(path)], check=False, capture_output=True)
-        if add.returncode == 0:
-            done = subprocess.run(["git", "commit", "-m", message, "--", str(path)], check=False, capture_output=True)
-            if done.returncode == 0:
-                return
-        time.sleep(3 + attempt)
-    print(f"  could not commit {path}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run every missing run of the sweep, then of the final rows; returns the records written."""
     ap = S.parser(__doc__.splitlines()[1], FINDING)
@@ -278,7 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             written.append(record)
             print(f"{run_id}: test ppl {record['test']['perplexity']:.2f} -> {path}", flush=True)
             if args.commit:
-                commit(path)
+                commit_record(path, "converged")
     return written
 
 

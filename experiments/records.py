@@ -10,6 +10,8 @@ record exists, so an interrupted batch of runs resumes where it stopped, and
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,20 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=True) + "\n")
     partial.replace(path)
+
+
+def commit_record(path: Path, finding: str) -> None:
+    """``git add`` and commit this one record, retrying while another process holds the index lock, so that
+    a long batch of runs keeps every finished record even if the session ends mid-batch."""
+    message = f"{finding}: record {path.stem}"
+    for attempt in range(20):
+        add = subprocess.run(["git", "add", "--", str(path)], check=False, capture_output=True)
+        if add.returncode == 0:
+            done = subprocess.run(["git", "commit", "-m", message, "--", str(path)], check=False, capture_output=True)
+            if done.returncode == 0:
+                return
+        time.sleep(3 + attempt)
+    print(f"  could not commit {path}", flush=True)
 
 
 def read_record(path: Path) -> dict[str, Any]:
