@@ -11,11 +11,11 @@ underneath with the same learning-rate schedule, then is measured the same way:
                 ``--eval-eps``, and the loss increase under int4 weights and random / worst bit flips
 
 Methods (``METHODS``): AdamW at 1x, 1.2x, 1.5x and 2x the steps (its own compute curve: the
-compute-matched baselines of every 1.2-, 1.5- and 2-pass method); ACR at ``interval`` 1/2/5, ``p``
+compute-matched baselines of every 1.2-, 1.5- and 2-pass method); ACR at ``interval`` 1/2/5/10, ``p``
 2/inf, ``n`` all/1 %, ``alpha`` 0.5/1; and the SAM family of ``pytorch-optimizer`` (SAM, ASAM, GSAM,
-WSAM, LookSAM, FriendlySAM) at their documented defaults and at ``rho`` = ACR's ``eps``. Each
-(method, seed) writes a JSON record under ``--results``; a run whose record exists is skipped, so
-the script resumes where it stopped. ``--summarize`` builds the table, the per-peer verdicts and
+WSAM, LookSAM, FriendlySAM) at their documented defaults and at ``rho`` = ACR's ``eps`` (once where
+they coincide). Each (method, seed) writes a JSON record under ``--results``; a run whose record
+exists is skipped, so the script resumes where it stopped. ``--summarize`` builds the table, the per-peer verdicts and
 the Pareto plot from the records alone (``--write-docs``: into benchmarks/README.md)::
 
     pip install -r benchmarks/requirements.txt
@@ -126,6 +126,7 @@ def methods(eps: float, num_params: int) -> list[Method]:
             ("acr", eps, {"alpha": 0.5}),
             ("acr_k2", eps, {"alpha": 0.5, "interval": 2}),
             ("acr_k5", eps, {"alpha": 0.5, "interval": 5}),
+            ("acr_k10", eps, {"alpha": 0.5, "interval": 10}),
             ("acr_inf", inf_eps, {"alpha": 0.5, "p": math.inf}),
             ("acr_n1pct", eps, {"alpha": 0.5, "n_fraction": 0.01}),
             ("acr_a1", eps, {"alpha": 1.0}),
@@ -146,6 +147,7 @@ def methods(eps: float, num_params: int) -> list[Method]:
         Method(f"{name}{suffix}", family.get(name, cls), _peer(cls, **kw), driver, settings=kw)
         for name, cls, driver, defaults in peers
         for suffix, kw in (("", defaults), ("_tuned", {**defaults, "rho": eps}))
+        if not suffix or defaults["rho"] != eps  # LookSAM's default rho already is eps: one run
     ]
     return adamw + acr + peer_methods
 
