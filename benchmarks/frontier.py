@@ -131,6 +131,7 @@ def methods(eps: float, num_params: int) -> list[Method]:
             ("acr_n1pct", eps, {"alpha": 0.5, "n_fraction": 0.01}),
             ("acr_a1", eps, {"alpha": 1.0}),
             ("acr_a1_k5", eps, {"alpha": 1.0, "interval": 5}),
+            ("acr_a1_n1pct", eps, {"alpha": 1.0, "n_fraction": 0.01}),
         )
     ]
     # (name, class, driver, documented defaults); every peer runs at those and at rho = eps.
@@ -320,7 +321,8 @@ def dominates(a: Point, b: Point, robustness: str, slack: float = 0.02) -> bool:
 
 
 def verdicts(found: list[Point], robustness: str) -> list[str]:
-    """Per peer: the ACR settings that dominate it, or the one closest to doing so and where it falls short."""
+    """Per peer: the ACR settings that dominate it, or else the one closest to doing so (at no more compute, the
+    most robust of those no worse on clean loss, else the most robust) and where it falls short."""
     acr = [q for q in found if q.family == "ACR"]
     lines = []
     for peer in (q for q in found if q.family not in ("AdamW", "ACR")):
@@ -329,7 +331,8 @@ def verdicts(found: list[Point], robustness: str) -> list[str]:
             lines.append(f"- `{peer.method}`: dominated by {', '.join(f'`{w}`' for w in winners)}.")
             continue
         affordable = [q for q in acr if q.passes <= peer.passes * 1.02] or acr
-        best = min(affordable, key=lambda q: q.delta[robustness][0])
+        # The closest to dominating: the most robust of those no worse on clean loss, else of all.
+        best = min([q for q in affordable if q.loss <= peer.loss] or affordable, key=lambda q: q.delta[robustness][0])
         short = []
         if best.loss > peer.loss:
             short.append(f"clean loss {best.loss:.3f} vs {peer.loss:.3f}")
@@ -338,7 +341,7 @@ def verdicts(found: list[Point], robustness: str) -> list[str]:
         if best.passes > peer.passes * 1.02:
             short.append(f"passes {best.passes:.2f} vs {peer.passes:.2f}")
         lines.append(
-            f"- `{peer.method}`: **not dominated**; the most robust affordable ACR, `{best.method}`, loses on {'; '.join(short)}."
+            f"- `{peer.method}`: **not dominated**; the closest affordable ACR, `{best.method}`, loses on {'; '.join(short)}."
         )
     return lines
 

@@ -89,7 +89,11 @@ def test_dominance_needs_compute_clean_loss_and_robustness_all_no_worse():
     assert frontier.verdicts(found, "eps 1") == ["- `sam`: dominated by `acr`."]
     found[1] = point("acr", 2.0, 3.05, 0.45)
     assert frontier.verdicts(found, "eps 1") == [
-        "- `sam`: **not dominated**; the most robust affordable ACR, `acr_k2`, loses on clean loss 3.100 vs 3.000."
+        "- `sam`: **not dominated**; the closest affordable ACR, `acr_k2`, loses on clean loss 3.100 vs 3.000."
+    ]
+    found[1] = point("acr", 2.0, 2.95, 0.55)  # no worse on clean loss: preferred to the more robust acr_k2
+    assert frontier.verdicts(found, "eps 1") == [
+        "- `sam`: **not dominated**; the closest affordable ACR, `acr`, loses on eps 1 increase 0.550 vs 0.500."
     ]
 
 
