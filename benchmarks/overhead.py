@@ -327,10 +327,11 @@ def summarise(times, memory, param_bytes) -> dict:
 
     rows = {}
     for name, ts in times.items():
-        row = {"median_s": statistics.median(ts), "iqr_s": _iqr(ts), "vs_base": paired(name, "base")}
+        row = {"median_s": statistics.median(ts), "iqr_s": iqr(ts), "vs_base": paired(name, "base")}
         if name.startswith("acr"):
             row["vs_floor"] = paired(name, "floor")
-            row["vs_peer"] = paired(name, "peer SAM")
+            if "peer SAM" in times:  # scaling.py times base, floor and one ACR only
+                row["vs_peer"] = paired(name, "peer SAM")
         if name in memory:
             row["held_x_params"] = memory[name]["held"] / param_bytes
             row["peak_x_params"] = memory[name]["peak"] / param_bytes
@@ -351,7 +352,7 @@ def check_targets(rows: dict, intervals: list[int], device: torch.device) -> lis
     return [{"target": name, "value": value, "bound": bound, "met": value <= bound} for name, value, bound in checks]
 
 
-def _iqr(xs: list[float]) -> float:
+def iqr(xs: list[float]) -> float:
     q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
     return q[2] - q[0]
 
