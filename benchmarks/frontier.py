@@ -19,7 +19,7 @@ exists is skipped, so the script resumes where it stopped. ``--summarize`` build
 the Pareto plot from the records alone (``--write-docs``: into benchmarks/README.md)::
 
     pip install -r benchmarks/requirements.txt
-    OMP_NUM_THREADS=1 python benchmarks/frontier.py --threads 1                 # ~45 min a seed
+    OMP_NUM_THREADS=1 python benchmarks/frontier.py --commit                     # ~35 min a seed
     python benchmarks/frontier.py --summarize --write-docs
     python benchmarks/frontier.py --quick --results /tmp/frontier               # smoke run, ~1 min
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import statistics
 import sys
 import time
@@ -442,9 +443,13 @@ def summarize(args: argparse.Namespace) -> str:
             *verdicts(found, robustness),
             "",
         ]
-        if args.write_docs and name == "lm":
-            plot(found, robustness, first["metric"], args.figure)
-            parts += [f"![frontier]({args.figure.relative_to(README.parent).as_posix()})", ""]
+        if name == "lm":
+            if args.write_docs:
+                plot(found, robustness, first["metric"], args.figure)
+            parts += [
+                f"![robustness against compute and clean loss]({os.path.relpath(args.figure, README.parent)})",
+                "",
+            ]
     return "\n".join(parts)
 
 
@@ -456,7 +461,7 @@ def fill(text: str, generated: str) -> str:
 
 def main(argv: list[str] | None = None) -> Any:
     ap = S.parser(__doc__.splitlines()[1], BENCHMARK)
-    ap.set_defaults(width=128, layers=2, vocab=2000, steps=300, threads=1, tasks=["lm"], results=RESULTS)
+    ap.set_defaults(width=128, layers=2, vocab=2000, steps=200, threads=1, tasks=["lm"], results=RESULTS)
     ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
     ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR training eps (L2); the peers' tuned rho")
     ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
