@@ -321,10 +321,24 @@ def dominates(a: Point, b: Point, robustness: str, slack: float = 0.02) -> bool:
     return a.passes <= b.passes * (1 + slack) and a.loss <= b.loss and a.delta[robustness][0] <= b.delta[robustness][0]
 
 
+def pareto(found: list[Point], robustness: str) -> list[Point]:
+    """The methods no other method dominates with a strictly lower clean loss or loss increase (ties stay)."""
+
+    def beaten(q: Point) -> bool:
+        return any(
+            dominates(o, q, robustness) and (o.loss < q.loss or o.delta[robustness][0] < q.delta[robustness][0])
+            for o in found
+        )
+
+    return [q for q in found if not beaten(q)]
+
+
 def verdicts(found: list[Point], robustness: str) -> list[str]:
     """Per peer: the ACR settings that dominate it, or else the one closest to doing so (at no more compute, the
-    most robust of those no worse on clean loss, else the most robust) and where it falls short."""
+    most robust of those no worse on clean loss, else the most robust) and where it falls short; and whether
+    AdamW itself dominates the peer (then the peer buys nothing here)."""
     acr = [q for q in found if q.family == "ACR"]
+    adamw = [q for q in found if q.family == "AdamW"]
     lines = []
     for peer in (q for q in found if q.family not in ("AdamW", "ACR")):
         winners = [q.method for q in acr if dominates(q, peer, robustness)]
@@ -341,9 +355,11 @@ def verdicts(found: list[Point], robustness: str) -> list[str]:
             short.append(f"{robustness} increase {best.delta[robustness][0]:.3f} vs {peer.delta[robustness][0]:.3f}")
         if best.passes > peer.passes * 1.02:
             short.append(f"passes {best.passes:.2f} vs {peer.passes:.2f}")
-        lines.append(
-            f"- `{peer.method}`: **not dominated**; the closest affordable ACR, `{best.method}`, loses on {'; '.join(short)}."
-        )
+        line = f"- `{peer.method}`: **not dominated**; the closest affordable ACR, `{best.method}`, loses on {'; '.join(short)}."
+        baseline = [q.method for q in adamw if dominates(q, peer, robustness)]
+        if baseline:
+            line += f" But AdamW dominates it too ({', '.join(f'`{b}`' for b in baseline)}): off the frontier."
+        lines.append(line)
     return lines
 
 
@@ -441,6 +457,10 @@ def summarize(args: argparse.Namespace) -> str:
             ),
             "",
             *verdicts(found, robustness),
+            "",
+            f"On the Pareto frontier (passes, clean loss, loss increase at {robustness}): "
+            + ", ".join(f"`{q.method}`" for q in pareto(found, robustness))
+            + ".",
             "",
         ]
         if name == "lm":

@@ -73,9 +73,8 @@ def test_summary_lists_every_method_and_a_verdict_per_peer(quick):
 
 
 def point(name: str, passes: float, loss: float, delta: float) -> frontier.Point:
-    return frontier.Point(
-        name, "ACR" if name.startswith("acr") else "SAM", 3, passes, 1.0, loss, 0.0, {"eps 1": (delta, 0)}
-    )
+    family = {"acr": "ACR", "ada": "AdamW"}.get(name[:3], "SAM")
+    return frontier.Point(name, family, 3, passes, 1.0, loss, 0.0, {"eps 1": (delta, 0)})
 
 
 def test_dominance_needs_compute_clean_loss_and_robustness_all_no_worse():
@@ -108,3 +107,16 @@ def test_the_readme_section_is_the_summary_of_the_committed_records():
     text = frontier.README.read_text()
     section = text.split(frontier.BEGIN, 1)[1].split(frontier.END, 1)[0].strip("\n")
     assert section == frontier.main(["--summarize"]).strip("\n")
+
+
+def test_a_peer_adamw_dominates_is_off_the_frontier_and_ties_stay_on_it():
+    found = [point("adamw_1x", 1.0, 3.0, 0.9), point("acr", 2.0, 3.2, 0.5), point("asam", 2.0, 3.01, 0.95)]
+    found.append(point("sam", 2.0, 3.2, 0.5))  # the same point as acr
+    assert frontier.verdicts(found, "eps 1") == [
+        (
+            "- `asam`: **not dominated**; the closest affordable ACR, `acr`, loses on clean loss 3.200 vs 3.010."
+            " But AdamW dominates it too (`adamw_1x`): off the frontier."
+        ),
+        "- `sam`: dominated by `acr`.",
+    ]
+    assert [q.method for q in frontier.pareto(found, "eps 1")] == ["adamw_1x", "acr", "sam"]
