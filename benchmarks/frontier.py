@@ -12,7 +12,7 @@ underneath with the same learning-rate schedule, then is measured the same way:
 
 Methods (``METHODS``): AdamW at 1x, 1.2x, 1.5x and 2x the steps (its own compute curve: the
 compute-matched baselines of every 1.2-, 1.5- and 2-pass method); ACR at ``interval`` 1/2/5/10, ``p``
-2/inf, ``n`` all/1 %, ``alpha`` 0.5/1; and the SAM family of ``pytorch-optimizer`` (SAM, ASAM, GSAM,
+2/inf, ``n`` all/1 %, ``alpha`` 0.5/1, ``eps`` 1/2/5 x; and the SAM family of ``pytorch-optimizer`` (SAM, ASAM, GSAM,
 WSAM, LookSAM, FriendlySAM) at their documented defaults and at ``rho`` = ACR's ``eps`` (once where
 they coincide). Each (method, seed) writes a JSON record under ``--results``; a run whose record
 exists is skipped, so the script resumes where it stopped. ``--summarize`` builds the table, the per-peer verdicts and
@@ -133,6 +133,9 @@ def methods(eps: float, num_params: int) -> list[Method]:
             ("acr_a1", eps, {"alpha": 1.0}),
             ("acr_a1_k5", eps, {"alpha": 1.0, "interval": 5}),
             ("acr_a1_n1pct", eps, {"alpha": 1.0, "n_fraction": 0.01}),
+            # Larger radii, to reach the strongly regularised corner where LookSAM and FriendlySAM sit.
+            ("acr_a1_eps2x", 2 * eps, {"alpha": 1.0}),
+            ("acr_a1_k10_eps5x", 5 * eps, {"alpha": 1.0, "interval": 10}),
         )
     ]
     # (name, class, driver, documented defaults); every peer runs at those and at rho = eps.
