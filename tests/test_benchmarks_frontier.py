@@ -74,7 +74,8 @@ def test_summary_lists_every_method_and_a_verdict_per_peer(quick):
 
 def point(name: str, passes: float, loss: float, delta: float) -> frontier.Point:
     family = {"acr": "ACR", "ada": "AdamW"}.get(name[:3], "SAM")
-    return frontier.Point(name, family, 3, passes, 1.0, loss, 0.0, {"eps 1": (delta, 0)})
+    by_seed = {"loss": dict.fromkeys(range(3), loss), "eps 1": dict.fromkeys(range(3), delta)}
+    return frontier.Point(name, family, 3, passes, 1.0, loss, 0.0, {"eps 1": (delta, 0)}, by_seed)
 
 
 def test_dominance_needs_compute_clean_loss_and_robustness_all_no_worse():
@@ -82,7 +83,8 @@ def test_dominance_needs_compute_clean_loss_and_robustness_all_no_worse():
     assert frontier.dominates(point("acr", 2.0, 3.0, 0.5), peer, "eps 1")
     assert frontier.dominates(point("acr", 2.04, 2.9, 0.4), peer, "eps 1")  # within the 2 % compute slack
     assert not frontier.dominates(point("acr", 2.1, 2.9, 0.4), peer, "eps 1")
-    assert not frontier.dominates(point("acr", 1.5, 3.01, 0.4), peer, "eps 1")
+    assert frontier.dominates(point("acr", 1.5, 3.01, 0.4), peer, "eps 1")  # within the 0.5 % margin
+    assert not frontier.dominates(point("acr", 1.5, 3.02, 0.4), peer, "eps 1")
     assert not frontier.dominates(point("acr", 1.5, 2.9, 0.51), peer, "eps 1")
     found = [point("acr_k2", 1.5, 3.1, 0.3), point("acr", 2.0, 2.9, 0.45), peer]
     assert frontier.verdicts(found, "eps 1") == ["- `sam`: dominated by `acr`."]
@@ -120,3 +122,11 @@ def test_a_peer_adamw_dominates_is_off_the_frontier_and_ties_stay_on_it():
         "- `sam`: dominated by `acr`.",
     ]
     assert [q.method for q in frontier.pareto(found, "eps 1")] == ["adamw_1x", "acr", "sam"]
+
+
+def test_a_mean_paired_difference_within_half_a_percent_is_a_tie():
+    base = {0: 4.0, 1: 5.0, 2: 6.0}  # mean 5: the margin is 0.025
+    assert frontier.no_worse(base, base)
+    assert frontier.no_worse({0: 4.02, 1: 5.03, 2: 6.02}, base)  # mean difference 0.0233
+    assert not frontier.no_worse({0: 4.0, 1: 5.0, 2: 6.08}, base)  # 0.0267: one bad seed is not averaged away
+    assert frontier.no_worse({0: 3.5, 1: 5.2, 2: 6.2}, base)  # -0.0333: better on average
