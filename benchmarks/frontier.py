@@ -226,7 +226,11 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in args.tasks:
         task = S.build_task(name, args)
         num_params = sum(p.numel() for p in task.new_model(0).parameters())
-        chosen = [m for m in methods(args.acr_eps, num_params) if not args.methods or m.name in args.methods]
+        every = methods(args.acr_eps, num_params)
+        unknown = set(args.methods or ()) - {m.name for m in every}
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; known: {', '.join(m.name for m in every)}")
+        chosen = [m for m in every if not args.methods or m.name in args.methods]
         for seed, method in itertools.product(range(args.seed, args.seed + args.num_seeds), chosen):
             settings = {
                 "model": S.model_settings(args),
@@ -296,6 +300,8 @@ def points(records: list[dict[str, Any]]) -> list[Point]:
         by_method.setdefault(r["method"], []).append(r)
     found = []
     for name, runs in by_method.items():
+        if len({S.config_key(r["settings"]) for r in runs}) > 1:
+            raise ValueError(f"{name}: records with different settings in one folder; summarize one set at a time")
         labels = [_label(row) for row in runs[0]["rows"]]
         deltas = {lab: [next(x["delta_loss"] for x in r["rows"] if _label(x) == lab) for r in runs] for lab in labels}
         found.append(

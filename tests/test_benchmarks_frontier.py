@@ -130,3 +130,10 @@ def test_a_mean_paired_difference_within_half_a_percent_is_a_tie():
     assert frontier.no_worse({0: 4.02, 1: 5.03, 2: 6.02}, base)  # mean difference 0.0233
     assert not frontier.no_worse({0: 4.0, 1: 5.0, 2: 6.08}, base)  # 0.0267: one bad seed is not averaged away
     assert frontier.no_worse({0: 3.5, 1: 5.2, 2: 6.2}, base)  # -0.0333: better on average
+
+
+def test_records_of_other_settings_are_not_averaged_together(quick, tmp_path):
+    _, records, _, _ = quick
+    other = {**records["acr"], "seed": 1, "settings": {**records["acr"]["settings"], "steps": 7}}
+    with pytest.raises(ValueError, match="acr: records with different settings"):
+        frontier.points([records["acr"], other])
