@@ -56,7 +56,6 @@ from acr_optim.probe import probe
 BENCHMARK = "frontier"
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
-FIGURE = RESULTS / "frontier_lm.png"
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
 QUICK_METHODS = ["adamw_1x", "adamw_2x", "acr", "acr_k2", "acr_a1", "sam_tuned", "gsam", "wsam", "looksam"]
 FAULTS = ("int4:g32", "flip:1e-3:int8", "flip-worst:10:mantissa")
@@ -487,13 +486,10 @@ def summarize(args: argparse.Namespace) -> str:
             + ".",
             "",
         ]
-        if name == "lm":
-            if args.write_docs:
-                plot(found, robustness, first["metric"], args.figure)
-            parts += [
-                f"![robustness against compute and clean loss]({os.path.relpath(args.figure, README.parent)})",
-                "",
-            ]
+        figure = args.figures / f"frontier_{name}.png"
+        if args.write_docs:
+            plot(found, robustness, first["metric"], figure)
+        parts += [f"![{name}: robustness against compute and clean loss]({os.path.relpath(figure, README.parent)})", ""]
     return "\n".join(parts)
 
 
@@ -505,7 +501,7 @@ def fill(text: str, generated: str) -> str:
 
 def main(argv: list[str] | None = None) -> Any:
     ap = S.parser(__doc__.splitlines()[1], BENCHMARK)
-    ap.set_defaults(width=128, layers=2, vocab=2000, steps=200, threads=1, tasks=["lm"], results=RESULTS)
+    ap.set_defaults(width=128, layers=2, vocab=2000, steps=200, threads=1, results=RESULTS, tasks=["lm", "de_en"])
     ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
     ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR training eps (L2); the peers' tuned rho")
     ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
@@ -516,7 +512,7 @@ def main(argv: list[str] | None = None) -> Any:
     ap.add_argument("--quick", action="store_true", help="a tiny model, a few steps, 5 methods, 1 seed: a smoke run")
     ap.add_argument("--summarize", action="store_true", help="print the tables from the records")
     ap.add_argument("--write-docs", action="store_true", help=f"with --summarize: into {README.name} and the figure")
-    ap.add_argument("--figure", type=Path, default=FIGURE)
+    ap.add_argument("--figures", type=Path, default=RESULTS, help="where --write-docs puts frontier_<task>.png")
     args = ap.parse_args(argv)
     if args.quick:
         args.width, args.layers, args.vocab, args.max_train, args.eval_size, args.block_size = 32, 1, 300, 300, 4, 32

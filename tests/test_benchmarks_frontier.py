@@ -23,8 +23,8 @@ import frontier
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    if not (DATA / "wikitext-2").is_dir():
-        pytest.skip(f"{DATA}/wikitext-2 is absent")
+    if not (DATA / "wikitext-2").is_dir() or not (DATA / "multi30k").is_dir():
+        pytest.skip(f"{DATA} (WikiText-2 and Multi30k) is absent")
     root = tmp_path_factory.mktemp("frontier")
     command = [sys.executable, str(REPO / "benchmarks" / "frontier.py"), "--quick", "--results", str(root / "results")]
     command += ["--cache", str(root / "cache"), "--out", str(root / "out")]
@@ -33,43 +33,50 @@ def quick(tmp_path_factory):
     assert first.returncode == 0, first.stderr[-3000:]
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
-    records = {r["method"]: r for r in frontier.load_records(frontier.BENCHMARK, root / "results")}
+    records: dict[str, dict[str, dict]] = {}  # task -> method -> record
+    for r in frontier.load_records(frontier.BENCHMARK, root / "results"):
+        records.setdefault(r["task"], {})[r["method"]] = r
     return root, records, first.stdout, again.stdout
 
 
 def test_every_method_counts_the_passes_it_claims(quick):
-    _, records, _, _ = quick
-    assert sorted(records) == sorted(frontier.QUICK_METHODS)
+    _, by_task, _, _ = quick
+    assert sorted(by_task) == ["de_en", "lm"]
     # 6 steps; ACR interval 2 corrupts steps 0, 2, 4; LookSAM (k=10) computes its direction on step 0 only.
     expected = {"adamw_1x": 6, "adamw_2x": 12, "acr": 12, "acr_k2": 9, "acr_a1": 12, "sam_tuned": 12}
     expected |= {"gsam": 12, "wsam": 12, "looksam": 7}
-    assert {name: r["passes"] for name, r in records.items()} == expected
-    assert records["adamw_2x"]["steps"] == 12 and records["acr"]["steps"] == 6
-    for r in records.values():  # the whole model: one row per eval eps and per fault
-        assert [row["corruption"] for row in r["rows"]] == ["gradient"] * 2 + list(frontier.FAULTS)
+    for records in by_task.values():
+        assert {name: r["passes"] for name, r in records.items()} == expected
+        assert records["adamw_2x"]["steps"] == 12 and records["acr"]["steps"] == 6
+        for r in records.values():  # the whole model: one row per eval eps and per fault
+            assert [row["corruption"] for row in r["rows"]] == ["gradient"] * 2 + list(frontier.FAULTS)
+    assert by_task["de_en"]["acr"]["metric"] == "bleu" and by_task["lm"]["acr"]["metric"] == "perplexity"
 
 
 def test_acr_at_p2_alpha1_trains_the_model_sam_trains(quick):
-    _, records, _, _ = quick
-    acr, sam = records["acr_a1"], records["sam_tuned"]
-    assert acr["settings"]["method"]["eps"] == sam["settings"]["method"]["rho"]
-    assert acr["loss"] == pytest.approx(sam["loss"], rel=1e-5)
-    assert acr["loss"] != pytest.approx(records["adamw_1x"]["loss"], rel=1e-3)  # and that is not AdamW's model
+    _, by_task, _, _ = quick
+    for records in by_task.values():
+        acr, sam = records["acr_a1"], records["sam_tuned"]
+        assert acr["settings"]["method"]["eps"] == sam["settings"]["method"]["rho"]
+        assert acr["loss"] == pytest.approx(sam["loss"], rel=1e-5)
+        assert acr["loss"] != pytest.approx(records["adamw_1x"]["loss"], rel=1e-4)  # and not AdamW's model
 
 
 def test_a_second_invocation_trains_nothing(quick):
     _, _, first, again = quick
-    assert first.count(": training") == len(frontier.QUICK_METHODS)
+    assert first.count(": training") == 2 * len(frontier.QUICK_METHODS)
     assert ": training" not in again
 
 
 def test_summary_lists_every_method_and_a_verdict_per_peer(quick):
-    root, records, _, _ = quick
+    root, by_task, _, _ = quick
     section = frontier.main(["--quick", "--results", str(root / "results"), "--summarize"])
-    rows = [line for line in section.splitlines() if line.startswith("| `")]
-    assert sorted(line.split("`")[1] for line in rows) == sorted(records)
-    verdicts = [line for line in section.splitlines() if line.startswith("- `")]
-    assert sorted(line.split("`")[1] for line in verdicts) == ["gsam", "looksam", "sam_tuned", "wsam"]
+    for name, part in zip(["lm", "de_en"], section.split("### ")[1:]):
+        assert part.startswith(f"{name}: ")
+        rows = [line for line in part.splitlines() if line.startswith("| `")]
+        assert sorted(line.split("`")[1] for line in rows) == sorted(by_task[name])
+        verdicts = [line for line in part.splitlines() if line.startswith("- `")]
+        assert sorted(line.split("`")[1] for line in verdicts) == ["gsam", "looksam", "sam_tuned", "wsam"]
 
 
 def point(name: str, passes: float, loss: float, delta: float) -> frontier.Point:
@@ -132,8 +139,8 @@ def test_a_mean_paired_difference_within_half_a_percent_is_a_tie():
     assert frontier.no_worse({0: 3.5, 1: 5.2, 2: 6.2}, base)  # -0.0333: better on average
 
 
-def test_records_of_other_settings_are_not_averaged_together(quick, tmp_path):
-    _, records, _, _ = quick
-    other = {**records["acr"], "seed": 1, "settings": {**records["acr"]["settings"], "steps": 7}}
+def test_records_of_other_settings_are_not_averaged_together(quick):
+    acr = quick[1]["lm"]["acr"]
+    other = {**acr, "seed": 1, "settings": {**acr["settings"], "steps": 7}}
     with pytest.raises(ValueError, match="acr: records with different settings"):
-        frontier.points([records["acr"], other])
+        frontier.points([acr, other])
