@@ -48,7 +48,7 @@ from transformers import get_linear_schedule_with_warmup
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import _shared as S
-from records import commit_record, load_records, read_record, record_path, write_record
+from records import commit_record, fill_section, load_records, read_record, record_path, write_record
 
 from acr_optim import ACR
 from acr_optim.probe import probe
@@ -56,7 +56,6 @@ from acr_optim.probe import probe
 BENCHMARK = "frontier"
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
-BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
 QUICK_METHODS = ["adamw_1x", "adamw_2x", "acr", "acr_k2", "acr_a1", "sam_tuned", "gsam", "wsam", "looksam"]
 FAULTS = ("int4:g32", "flip:1e-3:int8", "flip-worst:10:mantissa")
 
@@ -69,7 +68,7 @@ class Method:
     """A training method: how to build its optimizer around AdamW and how one step drives it.
 
     ``driver``: ``"plain"`` (one backward, ``step()``), ``"closure"`` (``step(closure)`` does every
-    pass: ACR, WSAM, GSAM), ``"sam"`` (clean backward, then ``step(closure)``: SAM, ASAM,
+    pass: ACR, WSAM), ``"gsam"`` (the same with GSAM's ``(outputs, loss)`` closure), ``"sam"`` (clean backward, then ``step(closure)``: SAM, ASAM,
     FriendlySAM), ``"looksam"`` (as ``"sam"``, without the clean backward on the steps where LookSAM
     reuses its last direction and zeroes it anyway). ``budget`` multiplies ``--steps``.
     """
@@ -141,7 +140,7 @@ def methods(eps: float, num_params: int) -> list[Method]:
     peers = (
         ("sam", "SAM", "sam", {"rho": 0.05}),
         ("asam", "SAM", "sam", {"rho": 0.05, "adaptive": True}),
-        ("gsam", "GSAM", "closure", {"rho": 0.05, "alpha": 0.4}),
+        ("gsam", "GSAM", "gsam", {"rho": 0.05, "alpha": 0.4}),
         ("wsam", "WSAM", "closure", {"rho": 0.05, "gamma": 0.9}),
         ("looksam", "LookSAM", "looksam", {"rho": 0.1, "k": 10, "alpha": 0.7}),
         ("friendlysam", "FriendlySAM", "sam", {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9}),
@@ -181,8 +180,8 @@ def train(task: S.Task, method: Method, seed: int, steps: int, args: argparse.Na
         if method.driver == "plain":
             closure()
             optimizer.step()
-        elif method.driver == "closure" and method.family == "GSAM":
-            optimizer.step(torch.enable_grad()(lambda: (None, closure())))  # GSAM zeroes the grads itself
+        elif method.driver == "gsam":  # GSAM zeroes the grads itself and wants (outputs, loss)
+            optimizer.step(torch.enable_grad()(lambda: (None, closure())))
         elif method.driver == "closure":
             optimizer.step(closure)
         else:  # SAM-style: the clean gradient first (LookSAM zeroes it on its reuse steps: skip it there)
@@ -493,12 +492,6 @@ def summarize(args: argparse.Namespace) -> str:
     return "\n".join(parts)
 
 
-def fill(text: str, generated: str) -> str:
-    """``text`` with the part between the frontier markers replaced by ``generated``."""
-    head, rest = text.split(BEGIN, 1)
-    return f"{head}{BEGIN}\n{generated}\n{END}{rest.split(END, 1)[1]}"
-
-
 def main(argv: list[str] | None = None) -> Any:
     ap = S.parser(__doc__.splitlines()[1], BENCHMARK)
     ap.set_defaults(width=128, layers=2, vocab=2000, steps=200, threads=1, results=RESULTS, tasks=["lm", "de_en"])
@@ -522,7 +515,7 @@ def main(argv: list[str] | None = None) -> Any:
         section = summarize(args)
         print(section)
         if args.write_docs:
-            README.write_text(fill(README.read_text(), section))
+            README.write_text(fill_section(README.read_text(), BENCHMARK, section))
         return section
     S.setup(args)
     return run_all(args)

@@ -41,7 +41,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 from converged import Method, final_methods
-from records import load_records, record_path, write_record
+from records import docs_section as marked_section
+from records import fill_section, load_records, markers, record_path, write_record
 from summarize import MODEL
 
 from acr_optim import ACR
@@ -67,7 +68,7 @@ FAULTS = (
 LABELS = {"adamw": "AdamW", "acr": "ACR", "acr_inf": "ACR p=inf", "sam": "SAM"}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 FIGURE = DOCS.parent / "images" / "results" / "lm_real_faults.png"
-BEGIN, END = "<!-- real_faults:begin -->", "<!-- real_faults:end -->"
+BEGIN, END = markers(FINDING)
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -305,13 +306,12 @@ def fill_docs(text: str, generated: str) -> str:
     """``text`` with the body between the real_faults markers replaced (a Finding 4 section appended if absent)."""
     if BEGIN not in text:
         return f"{text.rstrip()}\n\n## Finding 4: ACR and real faults\n\n{BEGIN}\n{generated}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    return f"{head}{BEGIN}\n{generated}\n{END}{rest.split(END, 1)[1]}"
+    return fill_section(text, FINDING, generated)
 
 
 def docs_section(text: str) -> str:
     """The body between the real_faults markers of a markdown text."""
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    return marked_section(text, FINDING)
 
 
 def summarize(args: argparse.Namespace) -> str:

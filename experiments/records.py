@@ -44,6 +44,24 @@ def commit_record(path: Path, finding: str) -> None:
     print(f"  could not commit {path}", flush=True)
 
 
+def markers(name: str) -> tuple[str, str]:
+    """The HTML comments that delimit the generated section ``name`` of a markdown page."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def docs_section(text: str, name: str) -> str:
+    """The body of the generated section ``name`` of ``text``, without its surrounding newlines."""
+    begin, end = markers(name)
+    return text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def fill_section(text: str, name: str, body: str) -> str:
+    """``text`` with the body of the generated section ``name`` replaced by ``body``."""
+    begin, end = markers(name)
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
 def read_record(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 

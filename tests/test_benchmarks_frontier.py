@@ -19,6 +19,7 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import frontier
+from records import docs_section, fill_section, markers
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +107,16 @@ def test_dominance_needs_compute_clean_loss_and_robustness_all_no_worse():
 
 
 def test_fill_replaces_only_the_marked_section():
-    text = f"head\n{frontier.BEGIN}\nold\n{frontier.END}\ntail\n"
-    assert frontier.fill(text, "new") == f"head\n{frontier.BEGIN}\nnew\n{frontier.END}\ntail\n"
+    begin, end = markers(frontier.BENCHMARK)
+    text = f"head\n{begin}\nold\n{end}\ntail\n"
+    assert fill_section(text, frontier.BENCHMARK, "new") == f"head\n{begin}\nnew\n{end}\ntail\n"
 
 
 def test_the_readme_section_is_the_summary_of_the_committed_records():
     if not frontier.load_records(frontier.BENCHMARK, frontier.RESULTS):
         pytest.skip("no frontier records committed yet")
     text = frontier.README.read_text()
-    section = text.split(frontier.BEGIN, 1)[1].split(frontier.END, 1)[0].strip("\n")
+    section = docs_section(text, frontier.BENCHMARK)
     assert section == frontier.main(["--summarize"]).strip("\n")
 
 
