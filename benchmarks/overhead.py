@@ -199,6 +199,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def time_variants(variants, params, saved, device, reps: int, seed: int = 0) -> dict[str, list[float]]:
     """Seconds per optimizer step of each variant, one sample per repetition, shuffled order each repetition."""
     rng = random.Random(seed)
@@ -211,11 +220,7 @@ def time_variants(variants, params, saved, device, reps: int, seed: int = 0) -> 
         rng.shuffle(order)
         for v in order:
             reset(params, saved)
-            sync(device)
-            t0 = time.perf_counter()
-            v.step()
-            sync(device)
-            times[v.name].append((time.perf_counter() - t0) / v.steps_per_unit)
+            times[v.name].append(timed(v.step, device) / v.steps_per_unit)
     return times
 
 
@@ -307,11 +312,7 @@ def selection_cost(params: list[torch.Tensor], n: int, reps: int) -> dict[str, f
     }
     for _ in range(reps):
         for key, fn in work.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            samples[key].append(time.perf_counter() - t0)
+            samples[key].append(timed(fn, device))
     return {"n": n} | {key: statistics.median(ts) for key, ts in samples.items()}
 
 

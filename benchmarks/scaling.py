@@ -109,14 +109,7 @@ def model_args(slot: str, args: argparse.Namespace) -> argparse.Namespace:
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    samples = []
-    for _ in range(reps):
-        overhead.sync(device)
-        t0 = time.perf_counter()
-        fn()
-        overhead.sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return statistics.median(overhead.timed(fn, device) for _ in range(reps))
 
 
 def copy_bandwidth(megabytes: int, device: torch.device, reps: int) -> dict:
