@@ -147,11 +147,13 @@ class Task:
     def new_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         if self.name == "de_en":
-            return seq2seq_from_config(_marian_config(self.tokenizer, self.config), self.tokenizer)
-        return AutoModelForCausalLM.from_config(_gpt2_config(self.tokenizer, self.config))
+            return seq2seq_from_config(marian_config(self.tokenizer, self.config), self.tokenizer)
+        return AutoModelForCausalLM.from_config(gpt2_config(self.tokenizer, self.config))
 
 
-def _marian_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> MarianConfig:
+def marian_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any], dropout: float = 0.0) -> MarianConfig:
+    """:data:`TINY_MARIAN` at ``cfg``'s width and depth; dropout off by default, so that ACR's clean and
+    corrupted passes see the same network (the fixed-budget experiments)."""
     width, layers = cfg["width"], cfg["layers"]
     heads = max(1, width // 32)
     config = MarianConfig(
@@ -164,13 +166,14 @@ def _marian_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> M
             "decoder_attention_heads": heads,
             "encoder_ffn_dim": 2 * width,
             "decoder_ffn_dim": 2 * width,
-            "dropout": 0.0,  # deterministic passes: ACR's clean and corrupted passes see the same network
+            "dropout": dropout,
         }
     )
     return fit_to_tokenizer(config, tokenizer)
 
 
-def _gpt2_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> GPT2Config:
+def gpt2_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any], dropout: float = 0.0) -> GPT2Config:
+    """:data:`TINY_GPT2` at ``cfg``'s width, depth and block size; dropout off by default (as :func:`marian_config`)."""
     width = cfg["width"]
     return GPT2Config(
         **{
@@ -180,9 +183,9 @@ def _gpt2_config(tokenizer: PreTrainedTokenizerFast, cfg: dict[str, Any]) -> GPT
             "n_head": max(1, width // 32),
             "n_inner": 4 * width,
             "n_positions": max(TINY_GPT2["n_positions"], cfg["block_size"]),
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
+            "resid_pdrop": dropout,
+            "embd_pdrop": dropout,
+            "attn_pdrop": dropout,
             "vocab_size": len(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,

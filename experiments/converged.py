@@ -1,17 +1,25 @@
 #!/usr/bin/env python
-"""Finding 3 at convergence (paper Table 2): an LSTM language model trained until validation loss stops improving.
+"""Finding 3 at convergence (paper Table 2): three model families trained until validation loss stops improving.
 
-The paper's LM family, in plain PyTorch and driven by this script's own loop (no Trainer): a
-subword LSTM LM (byte-level BPE trained on the training text, tied input/output embedding,
-dropout) on WikiText-2: trained on the first ``1 - --heldout`` of ``valid.txt`` (lines), early
-stopping on the held-out rest (evaluated every ``--eval-every`` steps; stop after ``--patience``
-evaluations without improvement, best checkpoint restored), scored on ``test.txt`` (never used
-for a choice), clean and under the gradient corruption (paper Eq. 10, L2, whole model) at
+Families (``--family``), each a small model trained from scratch in plain PyTorch by this script's own
+loop (the ``ACR`` optimizer driven directly, no Trainer):
+
+- ``lstm``, the paper's LM family: a subword LSTM LM (tied embedding, dropout) on WikiText-2;
+- ``gpt2``: the tiny GPT-2 of the other experiments (``TINY_GPT2`` at ``--width``/``--layers``), with dropout;
+- ``marian``: the tiny Marian of the other experiments on Multi30k De->En, with dropout and label smoothing.
+
+The LMs train on the first ``1 - --heldout`` of WikiText-2's ``valid.txt`` (lines), stop on the held-out
+rest, and are scored on the first ``--test-blocks`` blocks of ``test.txt``; Marian trains on ``train``,
+stops on ``val`` and is scored by BLEU (beam search, ``--beams``) on ``test_2016_flickr``. Test data is
+never used for a choice. Early stopping: the held-out loss is measured every ``--eval-every`` steps; an
+evaluation that does not beat the best by ``--min-delta`` multiplies the learning rate by ``--lr-decay``,
+and ``--patience`` such evaluations in a row stop the run; the best checkpoint is restored. Scores: the
+loss (and the test metric) clean and under the gradient corruption (paper Eq. 10, L2, whole model) at
 ``--eval-eps``.
 
 Runs, in order (cheapest information first; every finished run writes
-``--results/converged/lstm/<run id>.json`` and a run whose record exists is skipped, so the
-script resumes where it stopped):
+``--results/converged/<family>/<run id>.json`` and a run whose record exists is skipped, so the script
+resumes where it stopped):
 
 1. the sweep, seed ``--seed``: AdamW and ``ACR(AdamW, eps, p=2, alpha=0.5)`` for eps in ``--sweep-eps``;
 2. the final rows, seeds ``--seed .. --seed + --num-seeds - 1``, with ``eps*`` the sweep's eps of
@@ -22,7 +30,7 @@ script resumes where it stopped):
 
 ``--commit`` commits each record as it is written::
 
-    OMP_NUM_THREADS=1 python experiments/converged.py --threads 1 --commit
+    OMP_NUM_THREADS=1 python experiments/converged.py --family lstm --commit
 """
 
 from __future__ import annotations
@@ -32,24 +40,43 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
-from _common import load_text_file, train_byte_level_tokenizer
-from records import chosen_eps, commit_record, load_records, record_path, write_record
+from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
+from de_en import seq2seq_from_config
+from records import chosen_eps, claim, commit_record, load_records, record_path, release, write_record
 
 from acr_optim import ACR
+from acr_optim.data import load_parallel
 from acr_optim.probe import probe
-from acr_optim.probe.metrics import perplexity
+from acr_optim.probe.metrics import MetricFn, bleu, perplexity
 
 FINDING = "converged"
-TASK = "lstm"
+FAMILIES = ("lstm", "gpt2", "marian")
+# Per family: model size, regularisation, optimisation and evaluation grid (flags override them).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "lstm": {"width": 64, "layers": 2, "dropout": 0.1, "lr": 1e-2, "eval_eps": [0.25, 0.5, 1.0, 2.0]},
+    "gpt2": {"width": 128, "layers": 2, "dropout": 0.1, "lr": 2e-3, "eval_eps": [0.25, 0.5, 1.0, 2.0]},
+    "marian": {
+        "width": 128,
+        "layers": 2,
+        "dropout": 0.1,
+        "label_smoothing": 0.1,
+        "lr": 2e-3,
+        "batch_size": 64,
+        "eval_every": 200,
+        "eval_eps": [0.25, 0.5, 1.0],
+    },
+}
 
 
 class LSTMLM(nn.Module):
@@ -89,14 +116,20 @@ class Method:
 
 
 @dataclass
-class Data:
+class Family:
+    """A corpus split three ways (train, held-out for stopping, test for the score) and the model trained on it."""
+
+    name: str
     train: list[dict[str, list[int]]]
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, Tensor]]
     heldout: list[dict[str, Tensor]]
     test: list[dict[str, Tensor]]
-    vocab: int
+    new_model: Callable[[], nn.Module]
+    metric: str
+    metric_fn: MetricFn
 
 
-def load_data(args: argparse.Namespace) -> Data:
+def lm_family(args: argparse.Namespace) -> Family:
     """WikiText-2: ``valid.txt`` split by lines into training and held-out text, ``test.txt`` for the score."""
     folder = args.data / "wikitext-2"
     lines = list(load_text_file(str(folder / "valid.txt.gz"), "--data")["text"])
@@ -104,18 +137,74 @@ def load_data(args: argparse.Namespace) -> Data:
     cut = round(len(lines) * (1 - args.heldout))
     key = S.config_key({"vocab": args.vocab, "heldout": args.heldout})
     tokenizer = S.cached_tokenizer(
-        args.cache / f"tokenizer-{TASK}-{key}", train_byte_level_tokenizer, lines[:cut], args.vocab
+        args.cache / f"tokenizer-lstm-{key}", train_byte_level_tokenizer, lines[:cut], args.vocab
     )
 
     def batches(texts: list[str], limit: int | None = None) -> list[dict[str, Tensor]]:
         blocks = S.lm_blocks(tokenizer, texts, args.block_size)[:limit]
         return [S.stack(blocks[i : i + args.batch_size]) for i in range(0, len(blocks), args.batch_size)]
 
-    return Data(
-        S.lm_blocks(tokenizer, lines[:cut], args.block_size),
-        batches(lines[cut:]),
-        batches(test, args.test_blocks),
-        len(tokenizer),
+    def new_model() -> nn.Module:
+        if args.family == "lstm":
+            return LSTMLM(len(tokenizer), args.width, args.layers, args.dropout)
+        return AutoModelForCausalLM.from_config(S.gpt2_config(tokenizer, vars(args), args.dropout))
+
+    train = S.lm_blocks(tokenizer, lines[:cut], args.block_size)
+    heldout, scored = batches(lines[cut:]), batches(test, args.test_blocks)
+    return Family(args.family, train, S.stack, heldout, scored, new_model, "perplexity", perplexity)
+
+
+def marian_family(args: argparse.Namespace) -> Family:
+    """Multi30k De->En: ``train`` to train, ``val`` to stop, ``test_2016_flickr`` for BLEU."""
+    folder = args.data / "multi30k"
+    split = {
+        name: list(load_parallel(str(folder / name), "de", "en")["translation"])
+        for name in ("train", "val", "test_2016_flickr")
+    }
+    texts = [t for pair in split["train"] for t in (pair["de"], pair["en"])]
+    tokenizer = S.cached_tokenizer(
+        args.cache / f"tokenizer-marian-{S.config_key({'vocab': args.vocab})}",
+        train_sentencepiece_style_tokenizer,
+        texts,
+        args.vocab,
+    )
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+
+    def encode(rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+        src = tokenizer([r["de"] for r in rows], max_length=128, truncation=True)
+        tgt = tokenizer(text_target=[r["en"] for r in rows], max_length=128, truncation=True)["input_ids"]
+        return [
+            {"input_ids": i, "attention_mask": m, "labels": t}
+            for i, m, t in zip(src["input_ids"], src["attention_mask"], tgt)
+        ]
+
+    def batches(rows: list[dict[str, str]]) -> list[dict[str, Tensor]]:
+        features = encode(rows)
+        return [collate(features[i : i + args.batch_size]) for i in range(0, len(features), args.batch_size)]
+
+    def new_model() -> nn.Module:
+        return seq2seq_from_config(S.marian_config(tokenizer, vars(args), args.dropout), tokenizer)
+
+    return Family(
+        "marian",
+        encode(split["train"]),
+        collate,
+        batches(split["val"]),
+        batches(split["test_2016_flickr"][: args.test_blocks]),
+        new_model,
+        "bleu",
+        bleu(tokenizer, max_new_tokens=64, num_beams=args.beams),
+    )
+
+
+def training_loss(model: nn.Module, batch: dict[str, Tensor], smoothing: float) -> Tensor:
+    """The model's own loss, or (``smoothing > 0``, seq2seq) cross-entropy with label smoothing over the label tokens."""
+    out = model(**batch)
+    if smoothing == 0:
+        return out["loss"]
+    logits = out["logits"]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100, label_smoothing=smoothing
     )
 
 
@@ -125,8 +214,9 @@ def mean_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
         return sum(float(model(**b)["loss"]) for b in batches) / len(batches)
 
 
-def fit(model: nn.Module, data: Data, method: Method, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train until the held-out loss has not improved for ``patience`` evaluations (or the step cap); restore the best."""
+def fit(model: nn.Module, data: Family, method: Method, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train until the held-out loss has not beaten its best by ``min_delta`` for ``patience`` evaluations in a row
+    (each such evaluation multiplies the lr by ``lr_decay``) or the step cap is reached; restore the best checkpoint."""
     base = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     optimizer = base if method.eps is None else ACR(base, eps=method.eps, p=method.p, alpha=method.alpha)
     order = torch.Generator().manual_seed(seed)
@@ -139,10 +229,10 @@ def fit(model: nn.Module, data: Data, method: Method, seed: int, args: argparse.
         for _ in range(args.eval_every):
             if not queue:
                 queue = [b.tolist() for b in torch.randperm(len(data.train), generator=order).split(args.batch_size)]
-            batch = S.stack([data.train[i] for i in queue.pop()])
+            batch = data.collate([data.train[i] for i in queue.pop()])
 
             def closure(batch: dict[str, Tensor] = batch) -> Tensor:
-                loss = model(**batch)["loss"]
+                loss = training_loss(model, batch, args.label_smoothing)
                 loss.backward()
                 return loss
 
@@ -154,10 +244,12 @@ def fit(model: nn.Module, data: Data, method: Method, seed: int, args: argparse.
                 optimizer.step(closure)
             step += 1
         loss = mean_loss(model, data.heldout)
-        if loss < best[0]:
+        if loss < best[0] - args.min_delta:
             best, bad = (loss, step, copy.deepcopy(model.state_dict())), 0
         else:
             bad += 1
+            for group in base.param_groups:
+                group["lr"] *= args.lr_decay
         print(f"  {method.name} seed {seed} step {step}: held-out loss {loss:.4f} (best {best[0]:.4f} at {best[1]})")
     model.load_state_dict(best[2])
     return {
@@ -169,30 +261,36 @@ def fit(model: nn.Module, data: Data, method: Method, seed: int, args: argparse.
     }
 
 
-def scores(model: nn.Module, batches: list[dict[str, Tensor]], eval_eps: list[float]) -> dict[str, Any]:
-    """Clean loss and perplexity, then the gradient corruption of the whole model (L2) at each eps."""
-    table = probe(model, batches, eps=eval_eps, by="all", metric_fn=perplexity)
+def scores(
+    model: nn.Module, batches: list[dict[str, Tensor]], eval_eps: list[float], metric_fn: MetricFn | None
+) -> dict[str, Any]:
+    """Clean loss (and metric), then the gradient corruption of the whole model (L2) at each eps."""
+    table = probe(model, batches, eps=eval_eps, by="all", metric_fn=metric_fn)
     first = table.rows[0]
+    metrics = [k.removesuffix("_clean") for k in first if k.endswith("_clean") and k != "loss_clean"]
     return {
         "loss": first["loss_clean"],
-        "perplexity": first["perplexity_clean"],
+        **{m: first[f"{m}_clean"] for m in metrics},
         "corrupted": [
-            {"eps": r["eps"], "loss": r["loss"], "delta_loss": r["delta_loss"], "perplexity": r["perplexity"]}
+            {"eps": r["eps"], "loss": r["loss"], "delta_loss": r["delta_loss"], **{m: r[m] for m in metrics}}
             for r in table.rows
         ],
     }
 
 
-def run(data: Data, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+def run(data: Family, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = LSTMLM(data.vocab, args.width, args.layers, args.dropout)
+    model = data.new_model()
     fitted = fit(model, data, method, seed, args)
     start = time.perf_counter()
-    heldout, test = scores(model, data.heldout, args.eval_eps), scores(model, data.test, args.eval_eps)
+    # Held-out data: losses only (a perplexity is their exp); the metric (BLEU decodes: slow) on the test data.
+    heldout = scores(model, data.heldout, args.eval_eps, None)
+    test = scores(model, data.test, args.eval_eps, data.metric_fn)
     return {
         "finding": FINDING,
-        "task": TASK,
+        "task": data.name,
         "method": method.name,
+        "metric": data.metric,
         "settings": settings,
         "seed": seed,
         **fitted,
@@ -204,7 +302,10 @@ def run(data: Data, method: Method, seed: int, args: argparse.Namespace, setting
     }
 
 
-def final_methods(eps: float, num_params: int) -> list[Method]:
+def final_methods(eps: float | None, num_params: int) -> list[Method]:
+    """The final rows at the sweep's ``eps``; only the AdamW rows while the sweep is unfinished (``eps=None``)."""
+    if eps is None:
+        return [Method("adamw"), Method("adamw_2x", budget=2)]
     return [
         Method("adamw"),
         Method("acr", eps=eps),
@@ -214,57 +315,82 @@ def final_methods(eps: float, num_params: int) -> list[Method]:
     ]
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every missing run of the sweep, then of the final rows; returns the records written."""
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``--family``'s :data:`DEFAULTS` under the flags."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--family", choices=FAMILIES, default="lstm")
+    family = first.parse_known_args(argv)[0].family
     ap = S.parser(__doc__.splitlines()[1], FINDING)
-    ap.set_defaults(width=128, layers=2, vocab=2000, lr=2e-3, threads=1)
-    ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--family", choices=FAMILIES, default="lstm", help="model family (sets the defaults below)")
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="seq2seq training loss only (marian)")
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--heldout", type=float, default=0.1, help="fraction of valid.txt's lines held out for stopping")
+    ap.add_argument("--heldout", type=float, default=0.1, help="LMs: fraction of valid.txt's lines held out")
     ap.add_argument("--eval-every", type=S.positive_int, default=100, help="steps between held-out evaluations")
-    ap.add_argument("--patience", type=S.positive_int, default=5, help="evaluations without improvement to stop")
+    ap.add_argument("--min-delta", type=float, default=1e-3, help="held-out loss decrease that counts as improving")
+    ap.add_argument(
+        "--lr-decay", type=S.unit_float, default=0.5, help="lr factor after an evaluation without improving"
+    )
+    ap.add_argument("--patience", type=S.positive_int, default=3, help="evaluations without improving in a row to stop")
     ap.add_argument("--max-steps", type=S.positive_int, default=6000, help="step cap (x2 for adamw_2x)")
-    ap.add_argument("--test-blocks", type=S.positive_int, default=None, help="score on the first N test blocks (all)")
+    ap.add_argument("--test-blocks", type=S.positive_int, default=1000, help="score the first N test blocks / pairs")
+    ap.add_argument("--beams", type=S.positive_int, default=4, help="beam size of the BLEU decoding (marian)")
     ap.add_argument("--num-seeds", type=S.positive_int, default=3)
-    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
-    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.1, 0.3, 1.0])
+    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+")
     ap.add_argument("--commit", action="store_true", help="git-commit each record when written")
+    ap.set_defaults(threads=1, **DEFAULTS[family])
     args = ap.parse_args(argv)
+    if args.label_smoothing and family != "marian":
+        ap.error(f"--label-smoothing {args.label_smoothing}: only the marian family's training loss uses it")
+    return args
+
+
+# The settings a record keeps (and its id hashes).
+SETTINGS = (
+    *("family", "width", "layers", "vocab", "dropout", "label_smoothing", "lr", "weight_decay", "batch_size"),
+    *("block_size", "heldout", "eval_every", "min_delta", "lr_decay", "patience", "max_steps", "test_blocks"),
+    *("beams", "sweep_eps", "eval_eps"),
+)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run every missing run of the sweep, then of the final rows; returns the records written.
+
+    Several workers may run the same command at once: each run is claimed before it starts (``records.claim``),
+    and a worker that finds the sweep still running elsewhere does the AdamW final rows, then stops."""
+    args = arguments(argv)
     S.setup(args)
-    data = load_data(args)
-    common = {
-        k: getattr(args, k)
-        for k in ("width", "layers", "vocab", "dropout", "lr", "weight_decay", "batch_size", "block_size", "heldout")
-    }
-    common |= {k: getattr(args, k) for k in ("eval_every", "patience", "max_steps", "sweep_eps", "eval_eps")}
-    common["optimizer"] = "AdamW, constant lr"
-    if args.test_blocks is not None:  # only when set: the ids of full-test runs stay what they were
-        common["test_blocks"] = args.test_blocks
+    data = marian_family(args) if args.family == "marian" else lm_family(args)
+    common = {k: getattr(args, k) for k in SETTINGS} | {"optimizer": "AdamW, lr decay on plateau"}
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    num_params = sum(p.numel() for p in LSTMLM(data.vocab, args.width, args.layers, 0.0).parameters())
+    num_params = sum(p.numel() for p in data.new_model().parameters())
     written = []
     for stage in ("sweep", "final"):
         if stage == "sweep":
             plan = [(Method("adamw"), args.seed)] + [(Method("acr", eps=e), args.seed) for e in args.sweep_eps]
         else:
-            eps = chosen_eps(load_records(FINDING, args.results))
+            eps = chosen_eps([r for r in load_records(FINDING, args.results) if r["task"] == args.family])
             if eps is None:
-                raise SystemExit("the sweep is incomplete: no eps to choose")
+                print("the sweep is not finished (another worker holds a run): final rows without eps only")
             plan = [(m, seed) for seed in seeds for m in final_methods(eps, num_params)]
         for method, seed in plan:
             # A final row equal to a sweep run (seed 0 AdamW, ACR at eps*) is that run: the stage is not in the id.
             settings = {**common, "method": asdict(method), "stage": stage}
             run_id = f"{method.name}-seed{seed}-{S.config_key({**settings, 'stage': None})}"
-            path = record_path(FINDING, TASK, run_id, args.results)
-            if path.is_file():
+            path = record_path(FINDING, args.family, run_id, args.results)
+            if path.is_file() or not claim(path):
                 continue
             print(f"{run_id}: training", flush=True)
-            record = run(data, method, seed, args, settings)
-            write_record(path, record)
+            try:
+                record = run(data, method, seed, args, settings)
+                write_record(path, record)
+            finally:
+                release(path)
             written.append(record)
-            print(f"{run_id}: test ppl {record['test']['perplexity']:.2f} -> {path}", flush=True)
+            print(f"{run_id}: test {data.metric} {record['test'][data.metric]:.2f} -> {path}", flush=True)
             if args.commit:
-                commit_record(path, "converged")
+                commit_record(path, FINDING)
     return written
 
 

@@ -10,6 +10,8 @@ record exists, so an interrupted batch of runs resumes where it stopped, and
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +30,47 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=True) + "\n")
     partial.replace(path)
+
+
+def claim(path: Path) -> bool:
+    """Claim the run whose record will be ``path`` for this process (an exclusive ``.claim`` file beside it), so that
+    several workers started on the same plan split it; returns ``False`` while another live process holds it.
+    A claim left by a process that is gone (or by another machine: this tree was copied) is taken over."""
+    lock = path.with_suffix(".claim")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held(lock):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+        return True
+    return False
+
+
+def _held(lock: Path) -> bool:
+    try:
+        host, pid = lock.read_text().split()
+    except (FileNotFoundError, ValueError):  # released, or being written by its new owner right now
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release(path: Path) -> None:
+    """Drop this process's claim on ``path``'s run (after writing its record, or when the run failed)."""
+    path.with_suffix(".claim").unlink(missing_ok=True)
 
 
 def commit_record(path: Path, finding: str) -> None:

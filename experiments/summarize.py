@@ -165,9 +165,9 @@ def _at(scores: dict[str, Any], eps: float) -> dict[str, Any]:
     return next(c for c in scores["corrupted"] if c["eps"] == eps)
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2) -> str:
     mean = statistics.fmean(values)
-    return f"{mean:.1f}" if len(values) < 2 else f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+    return f"{mean:.{digits}f}" if len(values) < 2 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _label(record: dict[str, Any]) -> str:
@@ -177,13 +177,23 @@ def _label(record: dict[str, Any]) -> str:
     return f"{record['method']} (eps {m['eps']:.3g}, p {m['p']:g}, alpha {m['alpha']:g})"
 
 
-def converged_sweep(records: list[dict[str, Any]]) -> str:
-    """The sweep of the converged LSTM runs (one seed): every point, held-out and test results."""
-    sweep = [r for r in records if r["settings"]["stage"] == "sweep"]
-    grid = [c["eps"] for c in sweep[0]["test"]["corrupted"]]
+SHORT = {"perplexity": "ppl", "bleu": "BLEU"}
+
+
+def _metric(record: dict[str, Any]) -> str:
+    return record.get("metric", "perplexity")
+
+
+def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
+    """The sweep of one converged family (one seed): every point, held-out loss and test results."""
+    sweep = [r for r in records if r["task"] == family and r["settings"]["stage"] == "sweep"]
+    if not sweep:
+        return None
+    metric, grid = _metric(sweep[0]), [c["eps"] for c in sweep[0]["test"]["corrupted"]]
+    short = SHORT[metric]
     lines = [
-        "| run | best step (epochs) | stopped | held-out loss | test ppl | "
-        + " | ".join(f"test ppl, eps {e:g}" for e in grid)
+        f"| run | best step (epochs) | stopped | held-out loss | test {short} | "
+        + " | ".join(f"{short}, eps {e:g}" for e in grid)
         + " | test ΔL, eps 1 | train s |",
         "|---|---|---|---|---|" + "---|" * len(grid) + "---|---|",
     ]
@@ -193,8 +203,8 @@ def converged_sweep(records: list[dict[str, Any]]) -> str:
             f"{r['best_step']} ({r['epochs']:.1f})",
             r["stopped"],
             f"{r['validation']['loss']:.4f}",
-            f"{r['test']['perplexity']:.1f}",
-            *(f"{_at(r['test'], e)['perplexity']:.1f}" for e in grid),
+            f"{r['test'][metric]:.2f}",
+            *(f"{_at(r['test'], e)[metric]:.2f}" for e in grid),
             _g(_at(r["test"], 1.0)["delta_loss"]),
             f"{r['train_seconds']:.0f}",
         ]
@@ -202,47 +212,56 @@ def converged_sweep(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def converged_final(records: list[dict[str, Any]]) -> str | None:
-    """The final rows (mean ± std over seeds) and the paired difference of clean test perplexity to AdamW (95% CI)."""
+def _paired(diffs: list[float], digits: int) -> str:
+    """Mean paired difference with the half-width of its 95% t-interval."""
     from scipy.stats import t
 
+    if not diffs:
+        return "-"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.{digits}f} (1 seed)"
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{statistics.fmean(diffs):+.{digits}f} ± {half:.{digits}f} ({len(diffs)} seeds)"
+
+
+def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
+    """The final rows of one family (mean ± std over seeds) and, per seed against AdamW, the paired differences of the
+    clean test metric and of the test loss increase at eps 1 (mean ± 95% CI half-width)."""
+    records = [r for r in records if r["task"] == family]
     eps = chosen_eps(records)
     if eps is None:
         return None
     rows = [r for r in records if r["method"] != "acr" or r["settings"]["method"]["eps"] == eps]
-    grid = [c["eps"] for c in rows[0]["test"]["corrupted"]]
-    adamw = {r["seed"]: r["test"]["perplexity"] for r in rows if r["method"] == "adamw"}
+    metric, grid = _metric(rows[0]), [c["eps"] for c in rows[0]["test"]["corrupted"]]
+    short = SHORT[metric]
+    adamw = {r["seed"]: r["test"] for r in rows if r["method"] == "adamw"}
     lines = [
-        "| method | seeds | best step | test ppl | "
-        + " | ".join(f"ppl, eps {e:g}" for e in grid)
-        + " | ΔL, eps 1 | test ppl - AdamW (paired, 95% CI) |",
-        "|---|---|---|---|" + "---|" * len(grid) + "---|---|",
+        f"| method | seeds | best step | test {short} | "
+        + " | ".join(f"{short}, eps {e:g}" for e in grid)
+        + " | ΔL, eps 1 | "
+        + f"{short} - AdamW (paired, 95% CI) | ΔL eps 1 - AdamW (paired, 95% CI) |",
+        "|---|---|---|---|" + "---|" * len(grid) + "---|---|---|",
     ]
     for method in FINAL_METHODS:
         runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         if not runs:
             continue
-        diffs = [r["test"]["perplexity"] - adamw[r["seed"]] for r in runs if r["seed"] in adamw]
-        if method == "adamw" or not diffs:
-            paired = "-"
-        elif len(diffs) == 1:
-            paired = f"{diffs[0]:+.1f} (1 seed)"
-        else:
-            half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            paired = f"{statistics.fmean(diffs):+.1f} ± {half:.1f} ({len(diffs)} seeds)"
+        paired = [r for r in runs if r["seed"] in adamw and method != "adamw"]
         cells = [
             _label(runs[0]),
             str(len(runs)),
-            _mean_std([r["best_step"] for r in runs]),
-            _mean_std([r["test"]["perplexity"] for r in runs]),
-            *(_mean_std([_at(r["test"], e)["perplexity"] for r in runs]) for e in grid),
+            _mean_std([r["best_step"] for r in runs], 0),
+            _mean_std([r["test"][metric] for r in runs]),
+            *(_mean_std([_at(r["test"], e)[metric] for r in runs]) for e in grid),
             _g(statistics.fmean(_at(r["test"], 1.0)["delta_loss"] for r in runs)),
-            paired,
+            _paired([r["test"][metric] - adamw[r["seed"]][metric] for r in paired], 2),
+            _paired([_at(r["test"], 1.0)["delta_loss"] - _at(adamw[r["seed"]], 1.0)["delta_loss"] for r in paired], 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+CONVERGED = ("lstm", "gpt2", "marian")
 TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str | None]]] = {
     "corruption-de_en": ("gradient_vs_random", lambda rs: corruption(rs, "de_en")),
     "corruption-lm": ("gradient_vs_random", lambda rs: corruption(rs, "lm")),
@@ -252,8 +271,8 @@ TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str | None]]] = {
     "fragile-layer-paper": ("where_fragile", lambda rs: fragile_paper(rs, "layer")),
     "fragile-type-l2": ("where_fragile", lambda rs: fragile_l2(rs, "type")),
     "fragile-layer-l2": ("where_fragile", lambda rs: fragile_l2(rs, "layer")),
-    "converged-lstm-sweep": ("converged", converged_sweep),
-    "converged-lstm": ("converged", converged_final),
+    **{f"converged-{f}-sweep": ("converged", lambda rs, f=f: converged_sweep(rs, f)) for f in CONVERGED},
+    **{f"converged-{f}": ("converged", lambda rs, f=f: converged_final(rs, f)) for f in CONVERGED},
 }
 
 

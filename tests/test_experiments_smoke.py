@@ -112,11 +112,14 @@ def test_where_fragile(tmp_path, cache):
     assert len(figures) == 2 * 2 * 3 and all(p.stat().st_size > 0 for p in figures)
 
 
+CONVERGED = ["--width", "16", "--layers", "1", "--eval-every", "2", "--patience", "1", "--max-steps", "4"]
+CONVERGED += ["--num-seeds", "1", "--vocab", "200", "--batch-size", "8", "--threads", "1"]
+
+
 def test_converged(tmp_path, cache):
-    argv = ["--width", "16", "--layers", "1", "--eval-every", "2", "--patience", "1", "--max-steps", "4"]
-    argv += ["--num-seeds", "1", "--sweep-eps", "0.1", "0.5", "--eval-eps", "1"]
-    common = ["--data", str(DATA), "--cache", str(cache), "--results", str(tmp_path), "--vocab", "200"]
-    common += ["--block-size", "16", "--batch-size", "8", "--test-blocks", "64"]
+    argv = [*CONVERGED, "--sweep-eps", "0.1", "0.5", "--eval-eps", "1"]
+    common = ["--data", str(DATA), "--cache", str(cache), "--results", str(tmp_path), "--block-size", "16"]
+    common += ["--test-blocks", "64"]
     records = converged.main([*common, *argv])
     chosen = min((r for r in records if r["method"] == "acr"), key=lambda r: r["validation"]["loss"])
     eps = chosen["settings"]["method"]["eps"]
@@ -138,12 +141,15 @@ def test_converged(tmp_path, cache):
     assert methods["adamw_2x"] == {"name": "adamw_2x", "eps": None, "p": 2.0, "alpha": 0.5, "budget": 2}
     for r in records:
         cap = 8 if r["method"] == "adamw_2x" else 4
+        assert (r["task"], r["metric"], r["settings"]["family"]) == ("lstm", "perplexity", "lstm")
         assert 2 <= r["best_step"] <= r["steps"] <= cap and r["steps"] % 2 == 0
         assert r["test"]["perplexity"] == pytest.approx(math.exp(r["test"]["loss"]), rel=1e-6)
         assert [c["eps"] for c in r["test"]["corrupted"]] == [1.0]
+        assert set(r["validation"]) == {"loss", "corrupted"}  # held-out data: losses only
     assert len(list(tmp_path.glob("converged/lstm/*.json"))) == 6
     assert converged.main([*common, *argv]) == []  # every run has its record: nothing to do
     tables = summarize.tables(tmp_path)
+    assert {n for n in tables if n.startswith("converged-")} == {"converged-lstm-sweep", "converged-lstm"}
     sweep = tables["converged-lstm-sweep"].splitlines()
     assert [line.split(" | ")[0] for line in sweep[2:]] == [
         "| adamw",
@@ -151,13 +157,54 @@ def test_converged(tmp_path, cache):
         "| acr (eps 0.5, p 2, alpha 0.5)",
     ]
     final = [line.split(" | ") for line in tables["converged-lstm"].splitlines()[2:]]
-    assert [(row[0], row[1], row[-1]) for row in final] == [
-        ("| adamw", "1", "- |"),
-        (f"| acr (eps {eps:.3g}, p 2, alpha 0.5)", "1", f"{acr_ppl - adamw_ppl:+.1f} (1 seed) |"),
-        (f"| acr_inf (eps {inf_eps:.3g}, p inf, alpha 0.5)", "1", f"{inf_ppl - adamw_ppl:+.1f} (1 seed) |"),
-        (f"| sam (eps {eps:g}, p 2, alpha 1)", "1", f"{records[4]['test']['perplexity'] - adamw_ppl:+.1f} (1 seed) |"),
-        ("| adamw_2x", "1", f"{records[5]['test']['perplexity'] - adamw_ppl:+.1f} (1 seed) |"),
+    delta = {r["method"]: r["test"]["corrupted"][0]["delta_loss"] for r in (*records[3:], records[0], chosen)}
+    assert [(row[0], row[1], row[-2], row[-1]) for row in final] == [
+        ("| adamw", "1", "-", "- |"),
+        *(
+            (label, "1", f"{ppl - adamw_ppl:+.2f} (1 seed)", f"{delta[m] - delta['adamw']:+.3f} (1 seed) |")
+            for m, label, ppl in (
+                ("acr", f"| acr (eps {eps:.3g}, p 2, alpha 0.5)", acr_ppl),
+                ("acr_inf", f"| acr_inf (eps {inf_eps:.3g}, p inf, alpha 0.5)", inf_ppl),
+                ("sam", f"| sam (eps {eps:g}, p 2, alpha 1)", records[4]["test"]["perplexity"]),
+                ("adamw_2x", "| adamw_2x", records[5]["test"]["perplexity"]),
+            )
+        ),
     ]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "marian"])
+def test_converged_families(tmp_path, cache, family):
+    argv = [*CONVERGED, "--family", family, "--sweep-eps", "0.1", "--eval-eps", "0.5", "1", "--test-blocks", "8"]
+    argv += ["--data", str(DATA), "--cache", str(cache), "--results", str(tmp_path), "--beams", "2"]
+    if family == "gpt2":
+        argv += ["--block-size", "16"]
+    records = converged.main(argv)
+    assert [(r["method"], r["seed"]) for r in records] == [
+        ("adamw", 0),
+        ("acr", 0),
+        ("acr_inf", 0),
+        ("sam", 0),
+        ("adamw_2x", 0),
+    ]
+    metric = {"gpt2": "perplexity", "marian": "bleu"}[family]
+    for r in records:
+        assert (r["task"], r["metric"], r["settings"]["family"]) == (family, metric, family)
+        assert r["settings"]["label_smoothing"] == (0.1 if family == "marian" else 0.0)
+        assert r["settings"]["dropout"] == 0.1
+        assert [c["eps"] for c in r["test"]["corrupted"]] == [0.5, 1.0]
+        assert all(metric in c for c in r["test"]["corrupted"]) and metric in r["test"]
+        assert 0 <= r["test"][metric] and (metric == "bleu") == (r["test"][metric] <= 100)
+    model = converged.arguments(argv)
+    assert (model.width, model.dropout) == (16, 0.1)
+    final = summarize.tables(tmp_path)[f"converged-{family}"].splitlines()
+    assert final[0].startswith(f"| method | seeds | best step | test {summarize.SHORT[metric]} |")
+    assert [line.split(" | ")[0] for line in final[2:]][-1] == "| adamw_2x"
+
+
+def test_converged_refuses_label_smoothing_for_an_lm(capsys):
+    with pytest.raises(SystemExit):
+        converged.arguments(["--family", "gpt2", "--label-smoothing", "0.1"])
+    assert "--label-smoothing 0.1: only the marian family" in capsys.readouterr().err
 
 
 def test_acr_training(tmp_path, cache):
