@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -51,3 +53,23 @@ def test_docs_tables_are_what_summarize_prints():
     assert {name for name in generated if name.startswith(("corruption-", "fragile-"))} <= set(in_docs)
     assert in_docs == {name: generated[name] for name in in_docs}
     assert summarize.fill_docs(text, generated) == text
+
+
+def test_converged_records_are_complete_runs():
+    records = load_records("converged")
+    assert {r["task"] for r in records} <= {"lstm", "gpt2", "marian"}
+    for r in records:
+        settings = r["settings"]
+        assert r["task"] == settings["family"] and r["method"] == settings["method"]["name"]
+        assert r["stopped"] in ("patience", "step cap")
+        assert 0 < r["best_step"] <= r["steps"] <= settings["max_steps"] * settings["method"]["budget"]
+        assert r["steps"] % settings["eval_every"] == 0 and r["best_step"] % settings["eval_every"] == 0
+        metric = r["metric"]
+        assert [c["eps"] for c in r["test"]["corrupted"]] == settings["eval_eps"]
+        assert all(metric in c for c in r["test"]["corrupted"])
+        assert [c["eps"] for c in r["validation"]["corrupted"]] == settings["eval_eps"]
+        if metric == "perplexity":
+            assert r["test"]["perplexity"] == pytest.approx(math.exp(r["test"]["loss"]), rel=1e-12)
+    # Every family with records has its seed-0 AdamW sweep run (the reference of every paired difference).
+    for family in {r["task"] for r in records}:
+        assert any(r["task"] == family and r["method"] == "adamw" and r["seed"] == 0 for r in records)
