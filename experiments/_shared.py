@@ -82,6 +82,21 @@ def unit_float(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def fraction(text: str) -> float:
+    """A float in ``[0, 1)``: a dropout or label-smoothing probability, a held-out share."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a float >= 0, got {text}")
+    return value
+
+
 def n_value(text: str) -> int | None:
     """``all`` (no L0 limit) or a positive int."""
     if text == "all":
@@ -92,20 +107,22 @@ def n_value(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"n must be 'all' or an int >= 1, got {text}: {err}") from None
 
 
-def parser(description: str, out: str) -> argparse.ArgumentParser:
-    """Arguments every experiment takes: data, tasks, seed, training budget (optimizer steps), model size, output."""
+def parser(description: str, out: str, fixed_budget: bool = True) -> argparse.ArgumentParser:
+    """Arguments every experiment takes: data, seed, model size, output; with ``fixed_budget`` (every script but
+    converged.py, which has its own data splits and stopping rule) also tasks, steps and data sizes."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with multi30k/ and wikitext-2/")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--seed", type=int, default=0, help="seed of model init, batch order and random corruptions")
-    ap.add_argument("--steps", type=positive_int, default=1500, help="training budget in optimizer steps")
     ap.add_argument("--batch-size", type=positive_int, default=32)
-    ap.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW peak learning rate (linear warmup/decay)")
+    ap.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW peak learning rate")
     ap.add_argument("--width", type=positive_int, default=128, help="d_model (Marian) / n_embd (GPT-2)")
     ap.add_argument("--layers", type=positive_int, default=2, help="encoder and decoder layers / GPT-2 layers")
     ap.add_argument("--vocab", type=positive_int, default=2000, help="size of the locally trained tokenizer")
-    ap.add_argument("--max-train", type=positive_int, default=None, help="keep the first N training pairs / lines")
-    ap.add_argument("--eval-size", type=positive_int, default=200, help="validation pairs (de_en) / blocks (lm)")
+    if fixed_budget:
+        ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+        ap.add_argument("--steps", type=positive_int, default=1500, help="training budget in optimizer steps")
+        ap.add_argument("--max-train", type=positive_int, default=None, help="keep the first N training pairs / lines")
+        ap.add_argument("--eval-size", type=positive_int, default=200, help="validation pairs (de_en) / blocks (lm)")
     ap.add_argument("--block-size", type=positive_int, default=64, help="LM sequence length")
     ap.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "experiments" / out)

@@ -151,6 +151,10 @@ def lm_family(args: argparse.Namespace) -> Family:
 
     train = S.lm_blocks(tokenizer, lines[:cut], args.block_size)
     heldout, scored = batches(lines[cut:]), batches(test, args.test_blocks)
+    if not train or not heldout:
+        raise SystemExit(
+            f"--heldout {args.heldout}: leaves no training or no held-out block of {args.block_size} tokens"
+        )
     return Family(args.family, train, S.stack, heldout, scored, new_model, "perplexity", perplexity)
 
 
@@ -320,14 +324,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--family", choices=FAMILIES, default="lstm")
     family = first.parse_known_args(argv)[0].family
-    ap = S.parser(__doc__.splitlines()[1], FINDING)
+    ap = S.parser(__doc__.splitlines()[1], FINDING, fixed_budget=False)
     ap.add_argument("--family", choices=FAMILIES, default="lstm", help="model family (sets the defaults below)")
-    ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--label-smoothing", type=float, default=0.0, help="seq2seq training loss only (marian)")
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--heldout", type=float, default=0.1, help="LMs: fraction of valid.txt's lines held out")
+    ap.add_argument("--dropout", type=S.fraction, default=0.1)
+    ap.add_argument("--label-smoothing", type=S.fraction, default=0.0, help="seq2seq training loss only (marian)")
+    ap.add_argument("--weight-decay", type=S.nonnegative_float, default=0.01)
+    ap.add_argument("--heldout", type=S.fraction, default=0.1, help="LMs: fraction of valid.txt's lines held out")
     ap.add_argument("--eval-every", type=S.positive_int, default=100, help="steps between held-out evaluations")
-    ap.add_argument("--min-delta", type=float, default=1e-3, help="held-out loss decrease that counts as improving")
+    ap.add_argument(
+        "--min-delta", type=S.nonnegative_float, default=1e-3, help="held-out loss decrease that counts as improving"
+    )
     ap.add_argument(
         "--lr-decay", type=S.unit_float, default=0.5, help="lr factor after an evaluation without improving"
     )

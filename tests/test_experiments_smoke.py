@@ -201,10 +201,21 @@ def test_converged_families(tmp_path, cache, family):
     assert [line.split(" | ")[0] for line in final[2:]][-1] == "| adamw_2x"
 
 
-def test_converged_refuses_label_smoothing_for_an_lm(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--family", "gpt2", "--label-smoothing", "0.1"], "--label-smoothing 0.1: only the marian family"),
+        (["--dropout", "1"], "argument --dropout: must be in [0, 1), got 1"),
+        (["--heldout", "-0.1"], "argument --heldout: must be in [0, 1), got -0.1"),
+        (["--min-delta", "-1"], "argument --min-delta: must be a float >= 0, got -1"),
+        (["--lr-decay", "1.5"], "argument --lr-decay:"),
+        (["--steps", "100"], "unrecognized arguments: --steps 100"),  # the fixed-budget flags do not apply here
+    ],
+)
+def test_converged_refuses_bad_arguments(capsys, argv, message):
     with pytest.raises(SystemExit):
-        converged.arguments(["--family", "gpt2", "--label-smoothing", "0.1"])
-    assert "--label-smoothing 0.1: only the marian family" in capsys.readouterr().err
+        converged.arguments(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_acr_training(tmp_path, cache):
