@@ -22,6 +22,9 @@ python experiments/acr_training.py "${COMMON[@]}" "${LM[@]}" --sweep-eps --sweep
 python experiments/acr_training.py "${COMMON[@]}" "${DE_EN[@]}" --intervals --sweep-eps --sweep-alpha --out "$OUT/acr_training/de_en"
 # The eps / alpha sweep on the LM (seed 0; the baseline and ACR eps=0.1 runs come from the cache).
 python experiments/acr_training.py "${COMMON[@]}" "${LM[@]}" --num-seeds 1 --intervals --out "$OUT/acr_training/lm_sweep"
-# Finding 3 at convergence, LSTM LM (hours; resumable, commits nothing unless given --commit).
-python experiments/converged.py "${COMMON[@]}"
+# Finding 3 at convergence, three families (hours each; resumable, commits nothing unless given --commit;
+# several workers may run the same command at once and split the runs, one per core).
+for family in lstm gpt2 marian; do
+    python experiments/converged.py "${COMMON[@]}" --family "$family"
+done
 python experiments/summarize.py --write-docs

@@ -304,9 +304,60 @@ def docs_tables(text: str) -> dict[str, str]:
     return {m["name"]: m["body"].removesuffix("\n") for m in BLOCK.finditer(text)}
 
 
+def converged_plot(records: list[dict[str, Any]], family: str, path: Path) -> None:
+    """Left: the sweep (seed 0), held-out loss and test loss increase at eps 1 against the training eps (AdamW
+    drawn at the left edge). Right: the final rows, test metric against the evaluation eps, mean ± std over seeds."""
+    from matplotlib.figure import Figure
+
+    records = [r for r in records if r["task"] == family]
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    sweep_ax, final_ax = fig.subplots(1, 2)
+    sweep = sorted(
+        (r for r in records if r["settings"]["stage"] == "sweep" and r["method"] == "acr"),
+        key=lambda r: r["settings"]["method"]["eps"],
+    )
+    adamw = next(r for r in records if r["method"] == "adamw" and r["seed"] == 0)
+    eps = [r["settings"]["method"]["eps"] for r in sweep]
+    sweep_ax.plot(eps, [r["validation"]["loss"] for r in sweep], marker="o", color="C0", label="ACR held-out loss")
+    sweep_ax.axhline(adamw["validation"]["loss"], color="C0", linestyle=":", label="AdamW held-out loss")
+    sweep_ax.set(
+        xscale="log" if eps else "linear", xlabel="training eps (ACR, alpha 0.5)", ylabel="held-out loss (clean)"
+    )
+    twin = sweep_ax.twinx()
+    twin.plot(
+        eps, [_at(r["test"], 1.0)["delta_loss"] for r in sweep], marker="s", color="C3", label="ACR test ΔL, eps 1"
+    )
+    twin.axhline(_at(adamw["test"], 1.0)["delta_loss"], color="C3", linestyle=":", label="AdamW test ΔL, eps 1")
+    twin.set(ylabel="test loss increase at eval eps 1")
+    handles = sweep_ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    sweep_ax.legend(handles=handles, fontsize=7, loc="upper center")
+    sweep_ax.set_title(f"{family}: sweep (seed 0)", fontsize=9)
+    chosen = chosen_eps(records)
+    metric = _metric(adamw)
+    for method in FINAL_METHODS:
+        runs = [
+            r
+            for r in records
+            if r["method"] == method and (method != "acr" or r["settings"]["method"]["eps"] == chosen)
+        ]
+        if chosen is None and method != "adamw" or not runs:
+            continue
+        grid = [0.0] + [c["eps"] for c in runs[0]["test"]["corrupted"]]
+        values = [[r["test"][metric]] + [c[metric] for c in r["test"]["corrupted"]] for r in runs]
+        mean = [statistics.fmean(col) for col in zip(*values)]
+        std = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*values)]
+        final_ax.errorbar(
+            grid, mean, yerr=std, marker="o", markersize=3, capsize=2, label=f"{_label(runs[0])} ({len(runs)})"
+        )
+    final_ax.set(xlabel="evaluation eps (gradient corruption, L2, whole model)", ylabel=f"test {SHORT[metric]}")
+    final_ax.set_title(f"{family}: final rows, mean ± std over seeds (n runs)", fontsize=9)
+    final_ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
 def figures(root: Path = RESULTS, folder: Path = FIGURES) -> list[Path]:
-    """The figures of finding 1, ``<task>_corruption.png``, and the heatmaps of finding 2,
-    ``<task>_<by>_<view>.png``, from the records."""
+    """The figures of finding 1, ``<task>_corruption.png``, the heatmaps of finding 2,
+    ``<task>_<by>_<view>.png``, and of finding 3 at convergence, ``converged_<family>.png``, from the records."""
     from gradient_vs_random import plot
 
     from acr_optim.probe import ProbeTable
@@ -328,6 +379,11 @@ def figures(root: Path = RESULTS, folder: Path = FIGURES) -> list[Path]:
                 title=f"{MODEL[record['task']]}: ΔL, gradient corruption of one {by} group (p={p}, n={n}), {VIEW[view]}",
             )
             paths.append(path)
+    converged = load_records("converged", root)
+    for family in CONVERGED:
+        if any(r["task"] == family and r["method"] == "adamw" and r["seed"] == 0 for r in converged):
+            paths.append(folder / f"converged_{family}.png")
+            converged_plot(converged, family, paths[-1])
     return paths
 
 

@@ -150,6 +150,7 @@ def test_converged(tmp_path, cache):
     assert converged.main([*common, *argv]) == []  # every run has its record: nothing to do
     tables = summarize.tables(tmp_path)
     assert {n for n in tables if n.startswith("converged-")} == {"converged-lstm-sweep", "converged-lstm"}
+    assert summarize.figures(tmp_path, tmp_path) == [tmp_path / "converged_lstm.png"]
     sweep = tables["converged-lstm-sweep"].splitlines()
     assert [line.split(" | ")[0] for line in sweep[2:]] == [
         "| adamw",
@@ -197,6 +198,7 @@ def test_converged_families(tmp_path, cache, family):
     model = converged.arguments(argv)
     assert (model.width, model.dropout) == (16, 0.1)
     final = summarize.tables(tmp_path)[f"converged-{family}"].splitlines()
+    assert summarize.figures(tmp_path, tmp_path) == [tmp_path / f"converged_{family}.png"]
     assert final[0].startswith(f"| method | seeds | best step | test {summarize.SHORT[metric]} |")
     assert [line.split(" | ")[0] for line in final[2:]][-1] == "| adamw_2x"
 
