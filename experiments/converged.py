@@ -342,7 +342,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--test-blocks", type=S.positive_int, default=1000, help="score the first N test blocks / pairs")
     ap.add_argument("--beams", type=S.positive_int, default=4, help="beam size of the BLEU decoding (marian)")
     ap.add_argument("--num-seeds", type=S.positive_int, default=3)
-    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.1, 0.3, 1.0])
+    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     ap.add_argument("--eval-eps", type=S.positive_float, nargs="+")
     ap.add_argument("--commit", action="store_true", help="git-commit each record when written")
     ap.set_defaults(threads=1, **DEFAULTS[family])
@@ -352,11 +352,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# The settings a record keeps (and its id hashes).
+# The settings a record keeps (and its id hashes); the sweep's grid is the plan's, not a run's: it can grow.
 SETTINGS = (
     *("family", "width", "layers", "vocab", "dropout", "label_smoothing", "lr", "weight_decay", "batch_size"),
     *("block_size", "heldout", "eval_every", "min_delta", "lr_decay", "patience", "max_steps", "test_blocks"),
-    *("beams", "sweep_eps", "eval_eps"),
+    *("beams", "eval_eps"),
 )
 
 
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if stage == "sweep":
             plan = [(Method("adamw"), args.seed)] + [(Method("acr", eps=e), args.seed) for e in args.sweep_eps]
         else:
-            eps = chosen_eps([r for r in load_records(FINDING, args.results) if r["task"] == args.family])
+            family = [r for r in load_records(FINDING, args.results) if r["task"] == args.family]
+            eps = chosen_eps(family, args.sweep_eps)
             if eps is None:
                 print("the sweep is not finished (another worker holds a run): final rows without eps only")
             plan = [(m, seed) for seed in seeds for m in final_methods(eps, num_params)]

@@ -114,9 +114,12 @@ def load_records(finding: str, root: Path = RESULTS) -> list[dict[str, Any]]:
     return [read_record(path) for path in sorted((root / finding).glob("*/*.json"))]
 
 
-def chosen_eps(records: list[dict[str, Any]]) -> float | None:
-    """The ACR eps of a converged sweep with the lowest held-out loss, once every sweep point has a record."""
-    sweep = [r for r in records if r["settings"]["stage"] == "sweep" and r["method"] == "acr"]
-    if not sweep or len(sweep) < len(sweep[0]["settings"]["sweep_eps"]):
+def chosen_eps(records: list[dict[str, Any]], grid: list[float] | None = None) -> float | None:
+    """The ACR eps of lowest held-out loss among the sweep records of a converged family (the records of one
+    family); with ``grid``, only once every eps of it has a record (``None`` before)."""
+    sweep = {
+        r["settings"]["method"]["eps"]: r for r in records if r["settings"]["stage"] == "sweep" and r["method"] == "acr"
+    }
+    if not sweep or (grid is not None and not set(grid) <= set(sweep)):
         return None
-    return min(sweep, key=lambda r: r["validation"]["loss"])["settings"]["method"]["eps"]
+    return min(sweep.values(), key=lambda r: r["validation"]["loss"])["settings"]["method"]["eps"]
