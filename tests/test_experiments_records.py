@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
 import summarize
-from records import RESULTS, load_records
+from records import RESULTS, chosen_eps, load_records
 
 COMMON = {"finding", "task", "settings", "seed", "steps", "epochs", "best_step", "train_seconds", "environment"}
 
@@ -73,3 +73,14 @@ def test_converged_records_are_complete_runs():
     # Every family with records has its seed-0 AdamW sweep run (the reference of every paired difference).
     for family in {r["task"] for r in records}:
         assert any(r["task"] == family and r["method"] == "adamw" and r["seed"] == 0 for r in records)
+
+
+def test_chosen_eps_waits_for_the_whole_grid():
+    def sweep(eps, loss, stage="sweep", method="acr"):
+        return {"method": method, "settings": {"stage": stage, "method": {"eps": eps}}, "validation": {"loss": loss}}
+
+    records = [sweep(None, 4.0, method="adamw"), sweep(0.1, 4.3), sweep(1.0, 4.2), sweep(3.0, 4.1, stage="final")]
+    assert chosen_eps(records) == 1.0  # the final-stage run is no sweep point
+    assert chosen_eps(records, [0.1, 1.0]) == 1.0
+    assert chosen_eps(records, [0.1, 1.0, 3.0]) is None  # eps 3 has no sweep record yet
+    assert chosen_eps(records[:1]) is None
