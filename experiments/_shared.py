@@ -222,6 +222,16 @@ def cached_tokenizer(
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
+def encode_pairs(tokenizer: PreTrainedTokenizerFast, rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+    """De->En pairs as seq2seq features (source ids and mask, target ids as labels; 128 tokens at most)."""
+    src = tokenizer([r["de"] for r in rows], max_length=128, truncation=True)
+    tgt = tokenizer(text_target=[r["en"] for r in rows], max_length=128, truncation=True)["input_ids"]
+    return [
+        {"input_ids": i, "attention_mask": m, "labels": t}
+        for i, m, t in zip(src["input_ids"], src["attention_mask"], tgt)
+    ]
+
+
 def lm_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], size: int) -> list[dict[str, list[int]]]:
     """Each line's tokens then EOS, concatenated and cut into blocks of ``size`` (as recipes/lm.py)."""
     ids = [t for line in tokenizer(texts)["input_ids"] for t in (*line, tokenizer.eos_token_id)]
@@ -245,17 +255,9 @@ def build_task(name: str, args: argparse.Namespace) -> Task:
         texts = [t for pair in pairs for t in (pair["de"], pair["en"])]
         tokenizer = cached_tokenizer(cache, train_sentencepiece_style_tokenizer, texts, args.vocab)
 
-        def encode(rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
-            src = tokenizer([r["de"] for r in rows], max_length=128, truncation=True)
-            tgt = tokenizer(text_target=[r["en"] for r in rows], max_length=128, truncation=True)["input_ids"]
-            return [
-                {"input_ids": i, "attention_mask": m, "labels": t}
-                for i, m, t in zip(src["input_ids"], src["attention_mask"], tgt)
-            ]
-
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
         # No model given to the collator: Marian shifts the labels into decoder_input_ids itself.
-        train, eval_features = encode(pairs), encode(val)
+        train, eval_features = encode_pairs(tokenizer, pairs), encode_pairs(tokenizer, val)
         metric_fn = bleu(tokenizer, max_new_tokens=64, num_beams=1)
         eval_batch = 50
     else:

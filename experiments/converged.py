@@ -174,16 +174,8 @@ def marian_family(args: argparse.Namespace) -> Family:
     )
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
-    def encode(rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
-        src = tokenizer([r["de"] for r in rows], max_length=128, truncation=True)
-        tgt = tokenizer(text_target=[r["en"] for r in rows], max_length=128, truncation=True)["input_ids"]
-        return [
-            {"input_ids": i, "attention_mask": m, "labels": t}
-            for i, m, t in zip(src["input_ids"], src["attention_mask"], tgt)
-        ]
-
     def batches(rows: list[dict[str, str]]) -> list[dict[str, Tensor]]:
-        features = encode(rows)
+        features = S.encode_pairs(tokenizer, rows)
         return [collate(features[i : i + args.batch_size]) for i in range(0, len(features), args.batch_size)]
 
     def new_model() -> nn.Module:
@@ -191,7 +183,7 @@ def marian_family(args: argparse.Namespace) -> Family:
 
     return Family(
         "marian",
-        encode(split["train"]),
+        S.encode_pairs(tokenizer, split["train"]),
         collate,
         batches(split["val"]),
         batches(split["test_2016_flickr"][: args.test_blocks]),
