@@ -334,7 +334,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--test-blocks", type=S.positive_int, default=1000, help="score the first N test blocks / pairs")
     ap.add_argument("--beams", type=S.positive_int, default=4, help="beam size of the BLEU decoding (marian)")
     ap.add_argument("--num-seeds", type=S.positive_int, default=3)
-    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
     ap.add_argument("--eval-eps", type=S.positive_float, nargs="+")
     ap.add_argument("--commit", action="store_true", help="git-commit each record when written")
     ap.set_defaults(threads=1, **DEFAULTS[family])
