@@ -299,14 +299,15 @@ def run(data: Family, method: Method, seed: int, args: argparse.Namespace, setti
 
 
 def final_methods(eps: float | None, num_params: int) -> list[Method]:
-    """The final rows at the sweep's ``eps``; only the AdamW rows while the sweep is unfinished (``eps=None``)."""
+    """The final rows at the sweep's ``eps``, in the order they run (the comparisons that matter most complete
+    first, every seed of one before the next); only the AdamW rows while the sweep is unfinished (``eps=None``)."""
     if eps is None:
         return [Method("adamw"), Method("adamw_2x", budget=2)]
     return [
         Method("adamw"),
         Method("acr", eps=eps),
-        Method("acr_inf", eps=eps / math.sqrt(num_params), p=math.inf),
         Method("sam", eps=eps, alpha=1.0),
+        Method("acr_inf", eps=eps / math.sqrt(num_params), p=math.inf),
         Method("adamw_2x", budget=2),
     ]
 
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             eps = chosen_eps(family, args.sweep_eps)
             if eps is None:
                 print("the sweep is not finished (another worker holds a run): final rows without eps only")
-            plan = [(m, seed) for seed in seeds for m in final_methods(eps, num_params)]
+            plan = [(m, seed) for m in final_methods(eps, num_params) for seed in seeds]
         for method, seed in plan:
             # A final row equal to a sweep run (seed 0 AdamW, ACR at eps*) is that run: the stage is not in the id.
             settings = {**common, "method": asdict(method), "stage": stage}
