@@ -353,45 +353,50 @@ SETTINGS = (
 )
 
 
+def plan(args: argparse.Namespace, num_params: int) -> list[tuple[Method, int, str]]:
+    """Every run of the sweep, then of the final rows, as ``(method, seed, stage)``; the final rows need the
+    sweep's ``eps``, so while a sweep run is missing only the final rows without one are in the plan."""
+    runs = [(Method("adamw"), args.seed, "sweep")] + [
+        (Method("acr", eps=e), args.seed, "sweep") for e in args.sweep_eps
+    ]
+    family = [r for r in load_records(FINDING, args.results) if r["task"] == args.family]
+    eps = chosen_eps(family, args.sweep_eps)
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    return runs + [(m, seed, "final") for m in final_methods(eps, num_params) for seed in seeds]
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every missing run of the sweep, then of the final rows; returns the records written.
+    """Run every missing run of the plan; returns the records written.
 
     Several workers may run the same command at once: each run is claimed before it starts (``records.claim``),
-    and a worker that finds the sweep still running elsewhere does the AdamW final rows, then stops."""
+    and the plan is read again after every run, so a worker that found the sweep still running elsewhere does
+    the final rows without ``eps`` meanwhile and the others once the sweep's records are in."""
     args = arguments(argv)
     S.setup(args)
     data = marian_family(args) if args.family == "marian" else lm_family(args)
     common = {k: getattr(args, k) for k in SETTINGS} | {"optimizer": "AdamW, lr decay on plateau"}
-    seeds = [args.seed + i for i in range(args.num_seeds)]
     num_params = sum(p.numel() for p in data.new_model().parameters())
     written = []
-    for stage in ("sweep", "final"):
-        if stage == "sweep":
-            plan = [(Method("adamw"), args.seed)] + [(Method("acr", eps=e), args.seed) for e in args.sweep_eps]
-        else:
-            family = [r for r in load_records(FINDING, args.results) if r["task"] == args.family]
-            eps = chosen_eps(family, args.sweep_eps)
-            if eps is None:
-                print("the sweep is not finished (another worker holds a run): final rows without eps only")
-            plan = [(m, seed) for m in final_methods(eps, num_params) for seed in seeds]
-        for method, seed in plan:
+    while True:
+        for method, seed, stage in plan(args, num_params):
             # A final row equal to a sweep run (seed 0 AdamW, ACR at eps*) is that run: the stage is not in the id.
             settings = {**common, "method": asdict(method), "stage": stage}
             run_id = f"{method.name}-seed{seed}-{S.config_key({**settings, 'stage': None})}"
             path = record_path(FINDING, args.family, run_id, args.results)
-            if path.is_file() or not claim(path):
-                continue
-            print(f"{run_id}: training", flush=True)
-            try:
-                record = run(data, method, seed, args, settings)
-                write_record(path, record)
-            finally:
-                release(path)
-            written.append(record)
-            print(f"{run_id}: test {data.metric} {record['test'][data.metric]:.2f} -> {path}", flush=True)
-            if args.commit:
-                commit_record(path, FINDING)
-    return written
+            if not path.is_file() and claim(path):
+                break
+        else:
+            return written  # every run is recorded or being run by another worker
+        print(f"{run_id}: training", flush=True)
+        try:
+            record = run(data, method, seed, args, settings)
+            write_record(path, record)
+        finally:
+            release(path)
+        written.append(record)
+        print(f"{run_id}: test {data.metric} {record['test'][data.metric]:.2f} -> {path}", flush=True)
+        if args.commit:
+            commit_record(path, FINDING)
 
 
 if __name__ == "__main__":
