@@ -253,7 +253,7 @@ def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
             _mean_std([r["best_step"] for r in runs], 0),
             _mean_std([r["test"][metric] for r in runs]),
             *(_mean_std([_at(r["test"], e)[metric] for r in runs]) for e in grid),
-            _g(statistics.fmean(_at(r["test"], 1.0)["delta_loss"] for r in runs)),
+            _mean_std([_at(r["test"], 1.0)["delta_loss"] for r in runs], 4),
             _paired([r["test"][metric] - adamw[r["seed"]][metric] for r in paired], 2),
             _paired([_at(r["test"], 1.0)["delta_loss"] - _at(adamw[r["seed"]], 1.0)["delta_loss"] for r in paired], 3),
         ]
