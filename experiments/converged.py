@@ -15,7 +15,9 @@ never used for a choice. Early stopping: the held-out loss is measured every ``-
 evaluation that does not beat the best by ``--min-delta`` multiplies the learning rate by ``--lr-decay``,
 and ``--patience`` such evaluations in a row stop the run; the best checkpoint is restored. Scores: the
 loss (and the test metric) clean and under the gradient corruption (paper Eq. 10, L2, whole model) at
-``--eval-eps``.
+``--eval-eps``; and, for the AdamW runs, finding 2 on the converged model: the held-out loss increase when one
+component type (one layer) alone takes the gradient corruption under the paper's protocol
+(``where_fragile.paper_view``: L-inf on the 10 (100) entries of largest ``|gradient|``, eps 0.05-1).
 
 Runs, in order (cheapest information first; every finished run writes
 ``--results/converged/<family>/<run id>.json`` and a run whose record exists is skipped, so the script
@@ -54,6 +56,7 @@ import _shared as S
 from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
 from de_en import seq2seq_from_config
 from records import chosen_eps, claim, commit_record, load_records, record_path, release, write_record
+from where_fragile import fragility_rows, paper_view
 
 from acr_optim import ACR
 from acr_optim.data import load_parallel
@@ -282,6 +285,10 @@ def run(data: Family, method: Method, seed: int, args: argparse.Namespace, setti
     # Held-out data: losses only (a perplexity is their exp); the metric (BLEU decodes: slow) on the test data.
     heldout = scores(model, data.heldout, args.eval_eps, None)
     test = scores(model, data.test, args.eval_eps, data.metric_fn)
+    scored = time.perf_counter()
+    fragility = []  # finding 2 on the AdamW model, the one the paper probes
+    if method.name == "adamw":
+        fragility = [row for by in ("type", "layer") for row in fragility_rows(data.heldout, model, by, paper_view(by))]
     return {
         "finding": FINDING,
         "task": data.name,
@@ -290,10 +297,12 @@ def run(data: Family, method: Method, seed: int, args: argparse.Namespace, setti
         "settings": settings,
         "seed": seed,
         **fitted,
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": scored - start,
+        "probe_seconds": time.perf_counter() - scored,
         "num_params": sum(p.numel() for p in model.parameters()),
         "validation": heldout,
         "test": test,
+        "fragility": fragility,
         "environment": S.environment(),
     }
 

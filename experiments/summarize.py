@@ -87,10 +87,10 @@ def corruption(records: list[dict[str, Any]], task: str) -> str | None:
     return "\n".join(lines[:-1])
 
 
-def _eps_rows(record: dict[str, Any], by: str, view: str) -> dict[float, list[dict[str, Any]]]:
+def _eps_rows(rows: list[dict[str, Any]], by: str, view: str) -> dict[float, list[dict[str, Any]]]:
     """``{eps: rows}`` of one grouping and view, each list from most to least fragile (largest loss increase first)."""
     out: dict[float, list[dict[str, Any]]] = {}
-    for row in record["rows"]:
+    for row in rows:
         if (row["by"], row["view"]) == (by, view):
             out.setdefault(row["eps"], []).append(row)
     return {eps: sorted(rows, key=lambda r: -r["delta_loss"]) for eps, rows in sorted(out.items())}
@@ -100,37 +100,43 @@ def _rank(rows: list[dict[str, Any]], group: str) -> str:
     return f"{[r['group'] for r in rows].index(group) + 1} of {len(rows)}"
 
 
+def _paper_lines(rows: list[dict[str, Any]], by: str, title: str) -> list[str]:
+    """One model's ΔL of every ``by`` group under the paper's protocol, a line per eps (and where ``norm`` ranks)."""
+    at = _eps_rows(rows, by, "paper")
+    groups = list(dict.fromkeys(r["group"] for r in rows if r["by"] == by))
+    has_norm = by == "type" and "norm" in groups
+    n = next(iter(at.values()))[0]["n"]
+    lines = [
+        f"**{title}**, n = {n}, L-inf",
+        "",
+        "| eps | " + " | ".join(groups) + " | most fragile" + (" | rank of norm |" if has_norm else " |"),
+        "|---|" + "---|" * (len(groups) + 1 + has_norm),
+    ]
+    for eps, ranked in at.items():
+        delta = {r["group"]: r["delta_loss"] for r in ranked}
+        cells = [f"{eps:g}", *(_g(delta[g]) for g in groups), ranked[0]["group"]]
+        if has_norm:
+            cells.append(_rank(ranked, "norm"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def fragile_paper(records: list[dict[str, Any]], by: str) -> str:
     """ΔL of every group under the paper's protocol, one line per (model, eps)."""
     lines = []
     for record in records:
-        at = _eps_rows(record, by, "paper")
-        groups = list(dict.fromkeys(r["group"] for r in record["rows"] if r["by"] == by))
-        n = next(iter(at.values()))[0]["n"]
-        lines += [
-            f"**{MODEL[record['task']]}**, n = {n}, L-inf",
-            "",
-            "| eps | " + " | ".join(groups) + " | most fragile" + (" | rank of norm |" if by == "type" else " |"),
-            "|---|" + "---|" * (len(groups) + 1 + (by == "type")),
-        ]
-        for eps, rows in at.items():
-            delta = {r["group"]: r["delta_loss"] for r in rows}
-            cells = [f"{eps:g}", *(_g(delta[g]) for g in groups), rows[0]["group"]]
-            if by == "type":
-                cells.append(_rank(rows, "norm"))
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [*_paper_lines(record["rows"], by, MODEL[record["task"]]), ""]
     return "\n".join(lines[:-1])
 
 
 def fragile_l2(records: list[dict[str, Any]], by: str) -> str:
     """The L2 views: ranking at eps 1, and (by type) where ``norm`` ranks at every eps."""
-    grid = sorted({eps for r in records for eps in _eps_rows(r, by, "same_eps")})
+    grid = sorted({eps for r in records for eps in _eps_rows(r["rows"], by, "same_eps")})
     tail = " | rank of norm at eps " + ", ".join(f"{e:g}" for e in grid) if by == "type" else ""
     lines = [f"| model | budget | most to least fragile at eps 1 (ΔL){tail} |", "|---|---|---|" + "---|" * bool(tail)]
     for record in records:
         for view in ("same_eps", "per_param"):
-            at = _eps_rows(record, by, view)
+            at = _eps_rows(record["rows"], by, view)
             ranking = ", ".join(f"{r['group']} {_g(r['delta_loss'])}" for r in at[1.0])
             cells = [MODEL[record["task"]], VIEW[view], ranking]
             if by == "type":
@@ -261,6 +267,25 @@ def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
     return "\n".join(lines)
 
 
+def converged_fragile(records: list[dict[str, Any]], family: str) -> str | None:
+    """Finding 2 at convergence: each group's held-out ΔL under the paper's protocol, by type then by layer, averaged
+    over the converged AdamW seeds (the models the paper probes)."""
+    runs = [r for r in records if r["task"] == family and r["method"] == "adamw" and "fragility" in r]
+    if not runs:
+        return None
+    cells: dict[tuple[str, str, str, float], list[float]] = {}
+    for run in runs:
+        for row in run["fragility"]:
+            cells.setdefault((row["by"], row["view"], row["group"], row["eps"]), []).append(row["delta_loss"])
+    first = runs[0]["fragility"]
+    mean = [
+        {**row, "delta_loss": statistics.fmean(cells[row["by"], row["view"], row["group"], row["eps"]])}
+        for row in first
+    ]
+    title = f"{family}, AdamW at convergence (held-out ΔL, mean of {len(runs)} seed{'s' * (len(runs) > 1)})"
+    return "\n".join([*_paper_lines(mean, "type", title), "", *_paper_lines(mean, "layer", title)])
+
+
 CONVERGED = ("lstm", "gpt2", "marian")
 TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str | None]]] = {
     "corruption-de_en": ("gradient_vs_random", lambda rs: corruption(rs, "de_en")),
@@ -273,6 +298,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str | None]]] = {
     "fragile-layer-l2": ("where_fragile", lambda rs: fragile_l2(rs, "layer")),
     **{f"converged-{f}-sweep": ("converged", lambda rs, f=f: converged_sweep(rs, f)) for f in CONVERGED},
     **{f"converged-{f}": ("converged", lambda rs, f=f: converged_final(rs, f)) for f in CONVERGED},
+    **{f"converged-{f}-fragile": ("converged", lambda rs, f=f: converged_fragile(rs, f)) for f in CONVERGED},
 }
 
 

@@ -52,16 +52,21 @@ class View:
     eps: tuple[float, ...]
 
 
+def paper_view(by: str, paper_eps: list[float] = PAPER_EPS, paper_n: dict[str, int] = PAPER_N) -> View:
+    """The paper's budget (Figure 4 caption): ``p = inf`` on the ``n`` entries of largest ``|gradient|``."""
+    return View("paper", math.inf, paper_n[by], False, tuple(paper_eps))
+
+
 def views(by: str, eps: list[float], paper_eps: list[float], paper_n: dict[str, int]) -> list[View]:
     return [
-        View("paper", math.inf, paper_n[by], False, tuple(paper_eps)),
+        paper_view(by, paper_eps, paper_n),
         View("same_eps", 2.0, None, False, tuple(eps)),
         View("per_param", 2.0, None, True, tuple(eps)),
     ]
 
 
-def fragility_rows(task: S.Task, model: Any, by: str, view: View) -> list[dict[str, Any]]:
-    """The gradient corruption of each ``by`` group alone, one row per (group, eps) under ``view``."""
+def fragility_rows(batches: list[Any], model: Any, by: str, view: View) -> list[dict[str, Any]]:
+    """The gradient corruption of each ``by`` group alone, one row per (group, eps) under ``view``, on ``batches``."""
     groups = group_parameters(model, by)
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sizes = dict(model.named_parameters())
@@ -70,7 +75,7 @@ def fragility_rows(task: S.Task, model: Any, by: str, view: View) -> list[dict[s
         size = sum(sizes[name].numel() for name in names)
         scale = math.sqrt(size / total) if view.rms else 1.0
         eps = [e * scale for e in view.eps]
-        table = probe(model, task.eval_batches, eps=eps, p=view.p, n=view.n, params=names, by="all")
+        table = probe(model, batches, eps=eps, p=view.p, n=view.n, params=names, by="all")
         for nominal, row in zip(view.eps, table.rows):
             rows.append(
                 {
@@ -105,7 +110,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     task_views = {by: views(by, args.eps, args.paper_eps, paper_n) for by in args.by}
 
     def rows(task: S.Task, model: Any) -> list[dict[str, Any]]:
-        return [row for by, vs in task_views.items() for view in vs for row in fragility_rows(task, model, by, view)]
+        return [
+            row
+            for by, vs in task_views.items()
+            for view in vs
+            for row in fragility_rows(task.eval_batches, model, by, view)
+        ]
 
     views_settings = {"views": {by: [asdict(v) for v in vs] for by, vs in task_views.items()}}
     return S.fixed_budget_runs(FINDING, args, views_settings, rows)

@@ -119,7 +119,7 @@ CONVERGED += ["--num-seeds", "1", "--vocab", "200", "--batch-size", "8", "--thre
 def test_converged(tmp_path, cache):
     argv = [*CONVERGED, "--sweep-eps", "0.1", "0.5", "--eval-eps", "1"]
     common = ["--data", str(DATA), "--cache", str(cache), "--results", str(tmp_path), "--block-size", "16"]
-    common += ["--test-blocks", "64"]
+    common += ["--test-blocks", "64", "--heldout", "0.02"]
     records = converged.main([*common, *argv])
     chosen = min((r for r in records if r["method"] == "acr"), key=lambda r: r["validation"]["loss"])
     eps = chosen["settings"]["method"]["eps"]
@@ -146,10 +146,36 @@ def test_converged(tmp_path, cache):
         assert r["test"]["perplexity"] == pytest.approx(math.exp(r["test"]["loss"]), rel=1e-6)
         assert [c["eps"] for c in r["test"]["corrupted"]] == [1.0]
         assert set(r["validation"]) == {"loss", "corrupted"}  # held-out data: losses only
+    # Finding 2 on the converged AdamW model: the paper's protocol, each group alone, on the held-out data.
+    assert [bool(r["fragility"]) for r in records] == [True, False, False, False, False, False]
+    fragility = records[0]["fragility"]
+    assert {(f["by"], f["group"]) for f in fragility} == {
+        *(("type", g) for g in ("embedding", "other", "feed_forward")),  # the LSTM's weights are "other"
+        *(("layer", g) for g in ("embed", "lstm", "out")),
+    }
+    for f in fragility:
+        assert (f["view"], f["p"], f["n"]) == ("paper", math.inf, {"type": 10, "layer": 100}[f["by"]])
+        assert f["loss_clean"] == pytest.approx(records[0]["validation"]["loss"], rel=1e-6)
+    assert sorted({f["eps"] for f in fragility}) == where_fragile.PAPER_EPS
     assert len(list(tmp_path.glob("converged/lstm/*.json"))) == 6
     assert converged.main([*common, *argv]) == []  # every run has its record: nothing to do
     tables = summarize.tables(tmp_path)
-    assert {n for n in tables if n.startswith("converged-")} == {"converged-lstm-sweep", "converged-lstm"}
+    assert {n for n in tables if n.startswith("converged-")} == {
+        "converged-lstm-sweep",
+        "converged-lstm",
+        "converged-lstm-fragile",
+    }
+    fragile = tables["converged-lstm-fragile"].splitlines()
+    assert fragile[0] == "**lstm, AdamW at convergence (held-out ΔL, mean of 1 seed)**, n = 10, L-inf"
+    at = {(f["by"], f["group"], f["eps"]): f["delta_loss"] for f in records[0]["fragility"]}
+    assert fragile[2:4] == ["| eps | embedding | other | feed_forward | most fragile |", "|---|---|---|---|---|"]
+    cells = fragile[6].removeprefix("| ").removesuffix(" |").split(" | ")  # eps 0.2, the paper's Transformer eps
+    assert cells[0] == "0.2"
+    assert [float(c) for c in cells[1:4]] == [
+        pytest.approx(at["type", g, 0.2], rel=5e-3)
+        for g in ("embedding", "other", "feed_forward")  # 3 digits
+    ]
+    assert cells[4] == max(("embedding", "other", "feed_forward"), key=lambda g: at["type", g, 0.2])
     assert summarize.figures(tmp_path, tmp_path) == [tmp_path / "converged_lstm.png"]
     sweep = tables["converged-lstm-sweep"].splitlines()
     assert [line.split(" | ")[0] for line in sweep[2:]] == [
@@ -179,7 +205,7 @@ def test_converged_families(tmp_path, cache, family):
     argv = [*CONVERGED, "--family", family, "--sweep-eps", "0.1", "--eval-eps", "0.5", "1", "--test-blocks", "8"]
     argv += ["--data", str(DATA), "--cache", str(cache), "--results", str(tmp_path), "--beams", "2"]
     if family == "gpt2":
-        argv += ["--block-size", "16"]
+        argv += ["--block-size", "16", "--heldout", "0.02"]
     records = converged.main(argv)
     assert [(r["method"], r["seed"]) for r in records] == [
         ("adamw", 0),
@@ -196,9 +222,13 @@ def test_converged_families(tmp_path, cache, family):
         assert [c["eps"] for c in r["test"]["corrupted"]] == [0.5, 1.0]
         assert all(metric in c for c in r["test"]["corrupted"]) and metric in r["test"]
         assert 0 <= r["test"][metric] and (metric == "bleu") == (r["test"][metric] <= 100)
+    groups = {f["group"] for f in records[0]["fragility"] if f["by"] == "type"}
+    assert groups == {"embedding", "attention", "feed_forward", "norm"}
     model = converged.arguments(argv)
     assert (model.width, model.dropout) == (16, 0.1)
-    final = summarize.tables(tmp_path)[f"converged-{family}"].splitlines()
+    tables = summarize.tables(tmp_path)
+    final = tables[f"converged-{family}"].splitlines()
+    assert "| rank of norm |" in tables[f"converged-{family}-fragile"].splitlines()[2]
     assert summarize.figures(tmp_path, tmp_path) == [tmp_path / f"converged_{family}.png"]
     assert final[0].startswith(f"| method | seeds | best step | test {summarize.SHORT[metric]} |")
     assert [line.split(" | ")[0] for line in final[2:]][-1] == "| adamw_2x"
