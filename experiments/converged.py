@@ -20,8 +20,9 @@ component type (one layer) alone takes the gradient corruption under the paper's
 (``where_fragile.paper_view``: L-inf on the 10 (100) entries of largest ``|gradient|``, eps 0.05-1).
 
 Runs, in order (cheapest information first; every finished run writes
-``--results/converged/<family>/<run id>.json`` and a run whose record exists is skipped, so the script
-resumes where it stopped):
+``--results/converged/<family>/<run id>.json`` and a run whose record exists is skipped; a run in progress saves
+its training state under ``--cache`` at every evaluation and a killed one goes on from there, so the script
+resumes where it stopped, to the step):
 
 1. the sweep, seed ``--seed``: AdamW and ``ACR(AdamW, eps, p=2, alpha=0.5)`` for eps in ``--sweep-eps``;
 2. the final rows, seeds ``--seed .. --seed + --num-seeds - 1``, with ``eps*`` the sweep's eps of
@@ -213,21 +214,35 @@ def mean_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
         return sum(float(model(**b)["loss"]) for b in batches) / len(batches)
 
 
-def fit(model: nn.Module, data: Family, method: Method, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def fit(
+    model: nn.Module, data: Family, method: Method, seed: int, args: argparse.Namespace, checkpoint: Path
+) -> dict[str, Any]:
     """Train until the held-out loss has not beaten its best by ``min_delta`` for ``patience`` evaluations in a row
-    (each such evaluation multiplies the lr by ``lr_decay``) or the step cap is reached; restore the best checkpoint."""
+    (each such evaluation multiplies the lr by ``lr_decay``) or the step cap is reached; restore the best checkpoint.
+
+    After every evaluation the whole training state (model, optimizer, best checkpoint, data order, RNG) is saved to
+    ``checkpoint``; a run that finds it there goes on from it, bit for bit the run that was stopped."""
     base = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     optimizer = base if method.eps is None else ACR(base, eps=method.eps, p=method.p, alpha=method.alpha)
     order = torch.Generator().manual_seed(seed)
     patience, max_steps = args.patience * method.budget, args.max_steps * method.budget
-    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
-    queue: list[list[int]] = []
-    step, bad, start = 0, 0, time.perf_counter()
-    while step < max_steps and bad < patience:
+    state: dict[str, Any] = {"step": 0, "bad": 0, "queue": [], "seconds": 0.0, "resumes": []}
+    state["best"] = {"loss": math.inf, "step": 0, "model": copy.deepcopy(model.state_dict())}
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint)
+        model.load_state_dict(saved.pop("model"))
+        optimizer.load_state_dict(saved.pop("optimizer"))
+        order.set_state(saved.pop("order"))
+        torch.set_rng_state(saved.pop("rng"))
+        state = saved | {"resumes": [*saved["resumes"], saved["step"]]}
+        print(f"  {method.name} seed {seed}: resumed at step {state['step']} from {checkpoint}")
+    best, queue = state["best"], state["queue"]
+    start = time.perf_counter() - state["seconds"]
+    while state["step"] < max_steps and state["bad"] < patience:
         model.train()
         for _ in range(args.eval_every):
             if not queue:
-                queue = [b.tolist() for b in torch.randperm(len(data.train), generator=order).split(args.batch_size)]
+                queue += [b.tolist() for b in torch.randperm(len(data.train), generator=order).split(args.batch_size)]
             batch = data.collate([data.train[i] for i in queue.pop()])
 
             def closure(batch: dict[str, Tensor] = batch) -> Tensor:
@@ -241,23 +256,38 @@ def fit(model: nn.Module, data: Family, method: Method, seed: int, args: argpars
                 optimizer.step()
             else:
                 optimizer.step(closure)
-            step += 1
+            state["step"] += 1
         loss = mean_loss(model, data.heldout)
-        if loss < best[0] - args.min_delta:
-            best, bad = (loss, step, copy.deepcopy(model.state_dict())), 0
+        if loss < best["loss"] - args.min_delta:
+            best |= {"loss": loss, "step": state["step"], "model": copy.deepcopy(model.state_dict())}
+            state["bad"] = 0
         else:
-            bad += 1
+            state["bad"] += 1
             for group in base.param_groups:
                 group["lr"] *= args.lr_decay
-        print(f"  {method.name} seed {seed} step {step}: held-out loss {loss:.4f} (best {best[0]:.4f} at {best[1]})")
-    model.load_state_dict(best[2])
+        print(
+            f"  {method.name} seed {seed} step {state['step']}: held-out loss {loss:.4f} (best {best['loss']:.4f} at {best['step']})"
+        )
+        state["seconds"] = time.perf_counter() - start
+        extra = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        save_atomically(state | extra | {"order": order.get_state(), "rng": torch.get_rng_state()}, checkpoint)
+    model.load_state_dict(best["model"])
     return {
-        "steps": step,
-        "best_step": best[1],
-        "epochs": best[1] * args.batch_size / len(data.train),
-        "stopped": "patience" if bad >= patience else "step cap",
+        "steps": state["step"],
+        "best_step": best["step"],
+        "epochs": best["step"] * args.batch_size / len(data.train),
+        "stopped": "patience" if state["bad"] >= patience else "step cap",
         "train_seconds": time.perf_counter() - start,
+        "resumed_at": state["resumes"],
     }
+
+
+def save_atomically(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a temporary file, so a run killed while saving leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(obj, partial)
+    partial.replace(path)
 
 
 def scores(
@@ -277,10 +307,12 @@ def scores(
     }
 
 
-def run(data: Family, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+def run(
+    data: Family, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any], checkpoint: Path
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = data.new_model()
-    fitted = fit(model, data, method, seed, args)
+    fitted = fit(model, data, method, seed, args, checkpoint)
     start = time.perf_counter()
     # Held-out data: losses only (a perplexity is their exp); the metric (BLEU decodes: slow) on the test data.
     heldout = scores(model, data.heldout, args.eval_eps, None)
@@ -397,9 +429,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         else:
             return written  # every run is recorded or being run by another worker
         print(f"{run_id}: training", flush=True)
+        checkpoint = args.cache / "checkpoints" / FINDING / args.family / f"{run_id}.pt"
         try:
-            record = run(data, method, seed, args, settings)
+            record = run(data, method, seed, args, settings, checkpoint)
             write_record(path, record)
+            checkpoint.unlink()
         finally:
             release(path)
         written.append(record)

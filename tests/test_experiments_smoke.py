@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("sacrebleu")
@@ -198,6 +199,48 @@ def test_converged(tmp_path, cache):
             )
         ),
     ]
+
+
+def test_converged_run_resumes_bit_for_bit(tmp_path, cache, monkeypatch):
+    # Every evaluation after the first fails to improve by --min-delta 10: the lr decays after the resumption too.
+    argv = [*CONVERGED, "--data", str(DATA), "--cache", str(cache), "--block-size", "16", "--heldout", "0.02"]
+    args = converged.arguments([*argv, "--max-steps", "8", "--patience", "9", "--min-delta", "10"])
+    data = converged.lm_family(args)
+    method = converged.Method("acr", eps=0.5)  # ACR's and AdamW's state, dropout's RNG
+
+    def fit(checkpoint: Path, init_seed: int) -> tuple[torch.nn.Module, dict]:
+        torch.manual_seed(init_seed)
+        model = data.new_model()
+        return model, converged.fit(model, data, method, 0, args, checkpoint)
+
+    whole, fitted = fit(tmp_path / "whole.pt", 0)
+    evaluations = []
+
+    def killed_at_third(model, batches):
+        evaluations.append(None)
+        if len(evaluations) == 3:
+            raise KeyboardInterrupt
+        return mean_loss(model, batches)
+
+    mean_loss = converged.mean_loss
+    monkeypatch.setattr(converged, "mean_loss", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "stopped.pt", 0)
+    monkeypatch.undo()
+    resumed, refitted = fit(tmp_path / "stopped.pt", 1)  # another init and RNG: the checkpoint replaces both
+    assert {k: v for k, v in refitted.items() if k != "train_seconds"} == {
+        **{k: v for k, v in fitted.items() if k != "train_seconds"},
+        "resumed_at": [4],
+    }
+    assert fitted["resumed_at"] == [] and fitted["steps"] == 8 and fitted["best_step"] == 2
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the best checkpoint, from before the kill
+    # The state after the last step, saved at the last evaluation: the weights, AdamW's moments and decayed lr,
+    # the data order and the RNG are those of the run that was never stopped.
+    saved = [torch.load(tmp_path / name) for name in ("whole.pt", "stopped.pt")]
+    for key in ("model", "optimizer", "order", "rng", "queue", "step", "bad"):
+        torch.testing.assert_close(saved[0][key], saved[1][key], rtol=0, atol=0, msg=key)
+    assert saved[1]["optimizer"]["param_groups"][0]["lr"] == args.lr * args.lr_decay**3
 
 
 @pytest.mark.parametrize("family", ["gpt2", "marian"])
