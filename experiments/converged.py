@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import sys
 import time
@@ -56,7 +57,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
 from de_en import seq2seq_from_config
-from records import chosen_eps, claim, commit_record, load_records, record_path, release, write_record
+from records import (
+    chosen_eps,
+    claim,
+    commit_record,
+    load_records,
+    record_path,
+    release,
+    write_atomically,
+    write_record,
+)
 from where_fragile import fragility_rows, paper_view
 
 from acr_optim import ACR
@@ -265,12 +275,12 @@ def fit(
             state["bad"] += 1
             for group in base.param_groups:
                 group["lr"] *= args.lr_decay
-        print(
-            f"  {method.name} seed {seed} step {state['step']}: held-out loss {loss:.4f} (best {best['loss']:.4f} at {best['step']})"
-        )
+        print(f"  {method.name} seed {seed} step {state['step']}: held-out loss {loss:.4f}", end=" ")
+        print(f"(best {best['loss']:.4f} at {best['step']})")
         state["seconds"] = time.perf_counter() - start
-        extra = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        save_atomically(state | extra | {"order": order.get_state(), "rng": torch.get_rng_state()}, checkpoint)
+        training = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        training |= {"order": order.get_state(), "rng": torch.get_rng_state()}
+        write_atomically(checkpoint, functools.partial(torch.save, state | training))
     model.load_state_dict(best["model"])
     return {
         "steps": state["step"],
@@ -280,14 +290,6 @@ def fit(
         "train_seconds": time.perf_counter() - start,
         "resumed_at": state["resumes"],
     }
-
-
-def save_atomically(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` through a temporary file, so a run killed while saving leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(obj, partial)
-    partial.replace(path)
 
 
 def scores(

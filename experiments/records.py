@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,18 @@ def record_path(finding: str, task: str, run_id: str, root: Path = RESULTS) -> P
     return root / finding / task / f"{run_id}.json"
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` atomically (a reader or a killed writer never leaves half a record behind)."""
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(<path>.partial)``, then rename it to ``path``: a reader or a killed writer never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=True) + "\n")
+    partial = path.with_name(f"{path.name}.partial")
+    write(partial)
     partial.replace(path)
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` atomically (:func:`write_atomically`)."""
+    text = json.dumps(record, indent=1, sort_keys=True, allow_nan=True) + "\n"
+    write_atomically(path, lambda partial: partial.write_text(text))
 
 
 def claim(path: Path) -> bool:
