@@ -88,6 +88,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 2e-3,
         "batch_size": 64,
         "eval_every": 200,
+        # At 6,000 steps (13 epochs) AdamW was still improving (the pilot in experiments/results/pilots/):
+        # the cap is a guard here, patience is what stops a run.
+        "max_steps": 20000,
         "eval_eps": [0.25, 0.5, 1.0],
     },
 }
