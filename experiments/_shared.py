@@ -21,7 +21,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,19 @@ def nonnegative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a float >= 0, got {text}")
     return value
+
+
+def device(text: str) -> torch.device:
+    """A torch device that this machine has: ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda, got {text}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or a cuda device, got {text}")
+    return dev
 
 
 def n_value(text: str) -> int | None:
@@ -242,6 +255,11 @@ def lm_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], size: int) -
 def stack(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     """Equal-length features as one batch of tensors."""
     return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of tensors on ``device`` (the same tensors where they are there already)."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def build_task(name: str, args: argparse.Namespace) -> Task:
@@ -432,14 +450,18 @@ def fixed_budget_runs(
     return records
 
 
-def environment() -> dict[str, Any]:
-    """Where a run ran (wall seconds compare only between runs of the same environment)."""
-    return {
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """Where a run ran (wall seconds compare only between runs of the same environment); with a CUDA ``device``, also
+    the GPU's name."""
+    env = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
+    if device is not None and device.type == "cuda":
+        env["device"] = f"cuda: {torch.cuda.get_device_name(device)}"
+    return env
 
 
 # -- output ----------------------------------------------------------------------------------------

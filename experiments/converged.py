@@ -31,7 +31,11 @@ resumes where it stopped, to the step):
    ``rho = eps*``) and ``adamw_2x`` (AdamW with twice the patience and step cap: ACR's two passes a
    step as extra search for the baseline).
 
-``--commit`` commits each record as it is written::
+``--final-eps`` starts the final rows at a given eps while the sweep is still running (a bet on its outcome, so
+that sweep and final rows run side by side); once every sweep point has a record, the sweep's choice is used, and
+``summarize.py`` tabulates only the final rows at it.  ``--device cuda`` trains and scores on a GPU (models are
+initialised on the CPU, so a seed gives the same initial weights and data order on either device; the device is
+part of a record's ``environment``, not of its settings).  ``--commit`` commits each record as it is written::
 
     OMP_NUM_THREADS=1 python experiments/converged.py --family lstm --commit
 """
@@ -141,6 +145,7 @@ class Family:
     collate: Callable[[list[dict[str, list[int]]]], dict[str, Tensor]]
     heldout: list[dict[str, Tensor]]
     test: list[dict[str, Tensor]]
+    device: torch.device
     new_model: Callable[[], nn.Module]
     metric: str
     metric_fn: MetricFn
@@ -159,7 +164,7 @@ def lm_family(args: argparse.Namespace) -> Family:
 
     def batches(texts: list[str], limit: int | None = None) -> list[dict[str, Tensor]]:
         blocks = S.lm_blocks(tokenizer, texts, args.block_size)[:limit]
-        return [S.stack(blocks[i : i + args.batch_size]) for i in range(0, len(blocks), args.batch_size)]
+        return [S.to_device(S.stack(blocks[i : i + args.batch_size]), args.device) for i in range(0, len(blocks), args.batch_size)]
 
     def new_model() -> nn.Module:
         if args.family == "lstm":
@@ -172,7 +177,7 @@ def lm_family(args: argparse.Namespace) -> Family:
         raise SystemExit(
             f"--heldout {args.heldout}: leaves no training or no held-out block of {args.block_size} tokens"
         )
-    return Family(args.family, train, S.stack, heldout, scored, new_model, "perplexity", perplexity)
+    return Family(args.family, train, S.stack, heldout, scored, args.device, new_model, "perplexity", perplexity)
 
 
 def marian_family(args: argparse.Namespace) -> Family:
@@ -193,7 +198,10 @@ def marian_family(args: argparse.Namespace) -> Family:
 
     def batches(rows: list[dict[str, str]]) -> list[dict[str, Tensor]]:
         features = S.encode_pairs(tokenizer, rows)
-        return [collate(features[i : i + args.batch_size]) for i in range(0, len(features), args.batch_size)]
+        return [
+            S.to_device(collate(features[i : i + args.batch_size]), args.device)
+            for i in range(0, len(features), args.batch_size)
+        ]
 
     def new_model() -> nn.Module:
         return seq2seq_from_config(S.marian_config(tokenizer, vars(args), args.dropout), tokenizer)
@@ -204,6 +212,7 @@ def marian_family(args: argparse.Namespace) -> Family:
         collate,
         batches(split["val"]),
         batches(split["test_2016_flickr"][: args.test_blocks]),
+        args.device,
         new_model,
         "bleu",
         bleu(tokenizer, max_new_tokens=64, num_beams=args.beams),
@@ -247,6 +256,8 @@ def fit(
         optimizer.load_state_dict(saved.pop("optimizer"))
         order.set_state(saved.pop("order"))
         torch.set_rng_state(saved.pop("rng"))
+        if data.device.type == "cuda":  # dropout's RNG there
+            torch.cuda.set_rng_state(saved.pop("cuda_rng"), data.device)
         state = saved | {"resumes": [*saved["resumes"], saved["step"]]}
         print(f"  {method.name} seed {seed}: resumed at step {state['step']} from {checkpoint}")
     best, queue = state["best"], state["queue"]
@@ -256,7 +267,7 @@ def fit(
         for _ in range(args.eval_every):
             if not queue:
                 queue += [b.tolist() for b in torch.randperm(len(data.train), generator=order).split(args.batch_size)]
-            batch = data.collate([data.train[i] for i in queue.pop()])
+            batch = S.to_device(data.collate([data.train[i] for i in queue.pop()]), data.device)
 
             def closure(batch: dict[str, Tensor] = batch) -> Tensor:
                 loss = training_loss(model, batch, args.label_smoothing)
@@ -283,6 +294,8 @@ def fit(
         state["seconds"] = time.perf_counter() - start
         training = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         training |= {"order": order.get_state(), "rng": torch.get_rng_state()}
+        if data.device.type == "cuda":
+            training["cuda_rng"] = torch.cuda.get_rng_state(data.device)
         write_atomically(checkpoint, functools.partial(torch.save, state | training))
     model.load_state_dict(best["model"])
     return {
@@ -316,7 +329,7 @@ def run(
     data: Family, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any], checkpoint: Path
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = data.new_model()
+    model = data.new_model().to(data.device)
     fitted = fit(model, data, method, seed, args, checkpoint)
     start = time.perf_counter()
     # Held-out data: losses only (a perplexity is their exp); the metric (BLEU decodes: slow) on the test data.
@@ -340,7 +353,7 @@ def run(
         "validation": heldout,
         "test": test,
         "fragility": fragility,
-        "environment": S.environment(),
+        "environment": S.environment(data.device),
     }
 
 
@@ -382,6 +395,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--beams", type=S.positive_int, default=4, help="beam size of the BLEU decoding (marian)")
     ap.add_argument("--num-seeds", type=S.positive_int, default=3)
     ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
+    ap.add_argument(
+        "--final-eps",
+        type=S.positive_float,
+        help="ACR eps of the final rows while the sweep is unfinished (default: wait for the sweep's choice)",
+    )
+    ap.add_argument("--device", type=S.device, default="cpu", help="where to train and score: cpu, cuda, cuda:1, ...")
     ap.add_argument("--eval-eps", type=S.positive_float, nargs="+")
     ap.add_argument("--commit", action="store_true", help="git-commit each record when written")
     ap.set_defaults(threads=1, **DEFAULTS[family])
@@ -401,12 +420,14 @@ SETTINGS = (
 
 def plan(args: argparse.Namespace, num_params: int) -> list[tuple[Method, int, str]]:
     """Every run of the sweep, then of the final rows, as ``(method, seed, stage)``; the final rows need the
-    sweep's ``eps``, so while a sweep run is missing only the final rows without one are in the plan."""
+    sweep's ``eps``, so while a sweep run is missing only the final rows without one are in the plan (all of them
+    with ``--final-eps``)."""
     runs = [(Method("adamw"), args.seed, "sweep")] + [
         (Method("acr", eps=e), args.seed, "sweep") for e in args.sweep_eps
     ]
     family = [r for r in load_records(FINDING, args.results) if r["task"] == args.family]
     eps = chosen_eps(family, args.sweep_eps)
+    eps = args.final_eps if eps is None else eps
     seeds = [args.seed + i for i in range(args.num_seeds)]
     return runs + [(m, seed, "final") for m in final_methods(eps, num_params) for seed in seeds]
 
