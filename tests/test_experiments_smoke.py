@@ -8,7 +8,10 @@ not the findings.
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -184,6 +187,11 @@ def test_converged(tmp_path, cache):
         "| acr (eps 0.1, p 2, alpha 0.5)",
         "| acr (eps 0.5, p 2, alpha 0.5)",
     ]
+    # A final row run at another eps (--final-eps, a bet on the sweep that lost) stays out of the final table.
+    lost_bet = json.loads(next(tmp_path.glob("converged/lstm/sam-*.json")).read_text())
+    lost_bet["settings"]["method"]["eps"] = 3 * eps
+    (tmp_path / "converged" / "lstm" / "sam-seed0-lostbet.json").write_text(json.dumps(lost_bet))
+    assert summarize.tables(tmp_path)["converged-lstm"] == tables["converged-lstm"]
     final = [line.split(" | ") for line in tables["converged-lstm"].splitlines()[2:]]
     delta = {r["method"]: r["test"]["corrupted"][0]["delta_loss"] for r in (*records[3:], records[0], chosen)}
     sam_ppl = records[3]["test"]["perplexity"]
@@ -199,6 +207,54 @@ def test_converged(tmp_path, cache):
             )
         ),
     ]
+
+
+def test_converged_final_eps_runs_the_final_rows_beside_the_sweep_until_it_has_chosen(tmp_path):
+    argv = ["--data", str(DATA), "--results", str(tmp_path), "--sweep-eps", "0.1", "0.5"]
+    num_params = 10_000
+
+    def final_rows(*extra: str) -> list[tuple[str, float | None, int]]:
+        plan = converged.plan(converged.arguments([*argv, "--num-seeds", "2", *extra]), num_params)
+        return [(m.name, m.eps, seed) for m, seed, stage in plan if stage == "final"]
+
+    every = ["adamw", "acr", "sam", "acr_inf", "adamw_2x"]
+    assert [m for m, _, _ in final_rows()] == ["adamw", "adamw", "adamw_2x", "adamw_2x"]  # no eps yet
+    bet = final_rows("--final-eps", "0.5")
+    assert [m for m, _, seed in bet if seed == 0] == every
+    assert {(m, e) for m, e, _ in bet} >= {("acr", 0.5), ("sam", 0.5), ("acr_inf", 0.5 / math.sqrt(num_params))}
+
+    def sweep_record(eps: float, loss: float) -> None:
+        record = {"task": "lstm", "method": "acr", "validation": {"loss": loss}}
+        record["settings"] = {"stage": "sweep", "method": {"eps": eps}}
+        (tmp_path / "converged" / "lstm").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "converged" / "lstm" / f"acr-{eps}.json").write_text(json.dumps(record))
+
+    sweep_record(0.5, 4.0)
+    assert final_rows("--final-eps", "0.5") == bet  # the sweep is unfinished: the bet stands
+    sweep_record(0.1, 3.9)
+    assert {(m, e) for m, e, _ in final_rows("--final-eps", "0.5") if m in ("acr", "sam")} == {
+        ("acr", 0.1),
+        ("sam", 0.1),
+    }  # the sweep has chosen: its eps replaces the bet
+
+
+def test_workers_split_the_plan(tmp_path, cache):
+    argv = [*CONVERGED, "--sweep-eps", "0.1", "--eval-eps", "1", "--data", str(DATA), "--cache", str(cache)]
+    argv += ["--results", str(tmp_path / "results"), "--block-size", "16", "--test-blocks", "16", "--heldout", "0.02"]
+    script = REPO / "experiments" / "workers.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(script), "2", "600", str(tmp_path / "logs"), *argv], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "workers: 2 for 600s, MPS off" and lines[1].startswith("workers: stopped after")
+    recorded = sorted(p.stem for p in (tmp_path / "results" / "converged" / "lstm").glob("*.json"))
+    assert [r.split("-seed")[0] for r in recorded] == ["acr", "acr_inf", "adamw", "adamw_2x", "sam"]
+    written = [line.split(":")[0] for line in lines[2:] if " -> " in line]
+    assert sorted(written) == recorded  # every run once, by one worker or the other
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"worker-1.log", "worker-2.log"}
+    assert not list((tmp_path / "results").glob("**/*.claim"))
 
 
 def test_converged_run_resumes_bit_for_bit(tmp_path, cache, monkeypatch):
@@ -286,6 +342,10 @@ def test_converged_families(tmp_path, cache, family):
         (["--min-delta", "-1"], "argument --min-delta: must be a float >= 0, got -1"),
         (["--lr-decay", "1.5"], "argument --lr-decay:"),
         (["--steps", "100"], "unrecognized arguments: --steps 100"),  # the fixed-budget flags do not apply here
+        (["--final-eps", "-1"], "argument --final-eps:"),
+        (["--device", "tpu"], "argument --device: must be a torch device such as cpu or cuda, got tpu"),
+        (["--device", "mps"], "argument --device: must be cpu or a cuda device, got mps"),
+        *([(["--device", "cuda"], "argument --device: cuda: this machine has no CUDA device")] * (not torch.cuda.is_available())),
     ],
 )
 def test_converged_refuses_bad_arguments(capsys, argv, message):
