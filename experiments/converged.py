@@ -164,7 +164,10 @@ def lm_family(args: argparse.Namespace) -> Family:
 
     def batches(texts: list[str], limit: int | None = None) -> list[dict[str, Tensor]]:
         blocks = S.lm_blocks(tokenizer, texts, args.block_size)[:limit]
-        return [S.to_device(S.stack(blocks[i : i + args.batch_size]), args.device) for i in range(0, len(blocks), args.batch_size)]
+        return [
+            S.to_device(S.stack(blocks[i : i + args.batch_size]), args.device)
+            for i in range(0, len(blocks), args.batch_size)
+        ]
 
     def new_model() -> nn.Module:
         if args.family == "lstm":

@@ -190,6 +190,11 @@ def _metric(record: dict[str, Any]) -> str:
     return record.get("metric", "perplexity")
 
 
+def _device(record: dict[str, Any]) -> str:
+    """Where a run trained: ``cpu``, or the GPU's name without its maker (records before ``--device`` are CPU runs)."""
+    return record["environment"].get("device", "cpu").removeprefix("cuda: ").removeprefix("NVIDIA ")
+
+
 def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
     """The sweep of one converged family (one seed): every point, held-out loss and test results."""
     sweep = [r for r in records if r["task"] == family and r["settings"]["stage"] == "sweep"]
@@ -200,10 +205,10 @@ def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
     lines = [
         f"| run | best step (epochs) | stopped | held-out loss | test {short} | "
         + " | ".join(f"{short}, eps {e:g}" for e in grid)
-        + " | test ΔL, eps 1 | train s |",
-        "|---|---|---|---|---|" + "---|" * len(grid) + "---|---|",
+        + " | test ΔL, eps 1 | train s | device |",
+        "|---|---|---|---|---|" + "---|" * len(grid) + "---|---|---|",
     ]
-    for r in sorted(sweep, key=lambda r: r["settings"]["method"]["eps"] or 0.0):
+    for r in sorted(sweep, key=lambda r: (r["settings"]["method"]["eps"] or 0.0, _device(r) != "cpu")):
         cells = [
             _label(r),
             f"{r['best_step']} ({r['epochs']:.1f})",
@@ -213,6 +218,7 @@ def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
             *(f"{_at(r['test'], e)[metric]:.2f}" for e in grid),
             _g(_at(r["test"], 1.0)["delta_loss"]),
             f"{r['train_seconds']:.0f}",
+            _device(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -236,20 +242,30 @@ def _l2_eps(record: dict[str, Any]) -> float:
     return m["eps"] * math.sqrt(record["num_params"]) if m["p"] == math.inf else m["eps"]
 
 
+def _final_rows(records: list[dict[str, Any]], eps: float | None) -> list[dict[str, Any]]:
+    """The runs of the final rows at the sweep's ``eps`` (AdamW's alone while it is ``None``): final rows run at another
+    eps (``converged.py --final-eps``, a bet on the sweep that lost) are left out."""
+    return [
+        r
+        for r in records
+        if r["settings"]["method"]["eps"] is None or eps is not None and math.isclose(_l2_eps(r), eps)
+    ]
+
+
 def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
-    """The final rows of one family (mean ± std over seeds) and, per seed against AdamW, the paired differences of the
-    clean test metric and of the test loss increase at eps 1 (mean ± 95% CI half-width)."""
+    """The final rows of one family (mean ± std over runs) and, per run against the AdamW run of the same seed on the same
+    device (the same initial weights and batch order, the same arithmetic), the paired differences of the clean test
+    metric and of the test loss increase at eps 1 (mean ± 95% CI half-width)."""
     records = [r for r in records if r["task"] == family]
     eps = chosen_eps(records)
     if eps is None:
         return None
-    # Final rows run at another eps (``converged.py --final-eps``, a bet on the sweep that lost) are left out.
-    rows = [r for r in records if r["settings"]["method"]["eps"] is None or math.isclose(_l2_eps(r), eps)]
+    rows = _final_rows(records, eps)
     metric, grid = _metric(rows[0]), [c["eps"] for c in rows[0]["test"]["corrupted"]]
     short = SHORT[metric]
-    adamw = {r["seed"]: r["test"] for r in rows if r["method"] == "adamw"}
+    adamw = {(r["seed"], _device(r)): r["test"] for r in rows if r["method"] == "adamw"}
     lines = [
-        f"| method | seeds | best step | test {short} | "
+        f"| method | runs | best step | test {short} | "
         + " | ".join(f"{short}, eps {e:g}" for e in grid)
         + " | ΔL, eps 1 | "
         + f"{short} - AdamW (paired, 95% CI) | ΔL eps 1 - AdamW (paired, 95% CI) |",
@@ -259,7 +275,8 @@ def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
         runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         if not runs:
             continue
-        paired = [r for r in runs if r["seed"] in adamw and method != "adamw"]
+        paired = [(r, adamw[r["seed"], _device(r)]) for r in runs if (r["seed"], _device(r)) in adamw]
+        paired = paired if method != "adamw" else []
         cells = [
             _label(runs[0]),
             str(len(runs)),
@@ -267,8 +284,8 @@ def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
             _mean_std([r["test"][metric] for r in runs]),
             *(_mean_std([_at(r["test"], e)[metric] for r in runs]) for e in grid),
             _mean_std([_at(r["test"], 1.0)["delta_loss"] for r in runs], 4),
-            _paired([r["test"][metric] - adamw[r["seed"]][metric] for r in paired], 2),
-            _paired([_at(r["test"], 1.0)["delta_loss"] - _at(adamw[r["seed"]], 1.0)["delta_loss"] for r in paired], 3),
+            _paired([r["test"][metric] - base[metric] for r, base in paired], 2),
+            _paired([_at(r["test"], 1.0)["delta_loss"] - _at(base, 1.0)["delta_loss"] for r, base in paired], 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -289,7 +306,7 @@ def converged_fragile(records: list[dict[str, Any]], family: str) -> str | None:
         {**row, "delta_loss": statistics.fmean(cells[row["by"], row["view"], row["group"], row["eps"]])}
         for row in first
     ]
-    title = f"{family}, AdamW at convergence (held-out ΔL, mean of {len(runs)} seed{'s' * (len(runs) > 1)})"
+    title = f"{family}, AdamW at convergence (held-out ΔL, mean of {len(runs)} run{'s' * (len(runs) > 1)})"
     return "\n".join([*_paper_lines(mean, "type", title), "", *_paper_lines(mean, "layer", title)])
 
 
@@ -339,7 +356,8 @@ def docs_tables(text: str) -> dict[str, str]:
 
 def converged_plot(records: list[dict[str, Any]], family: str, path: Path) -> None:
     """Left: the sweep (seed 0), held-out loss and test loss increase at eps 1 against the training eps (AdamW
-    drawn at the left edge). Right: the final rows, test metric against the evaluation eps, mean ± std over seeds."""
+    drawn as a line per device it ran on). Right: the final rows, test metric against the evaluation eps, mean ± std
+    over runs."""
     from matplotlib.figure import Figure
 
     records = [r for r in records if r["task"] == family]
@@ -349,10 +367,12 @@ def converged_plot(records: list[dict[str, Any]], family: str, path: Path) -> No
         (r for r in records if r["settings"]["stage"] == "sweep" and r["method"] == "acr"),
         key=lambda r: r["settings"]["method"]["eps"],
     )
-    adamw = next(r for r in records if r["method"] == "adamw" and r["seed"] == 0)
+    adamws = [r for r in records if r["method"] == "adamw" and r["seed"] == 0]  # one per device it ran on
+    styles = [(r, style, f" ({_device(r)})" if len(adamws) > 1 else "") for r, style in zip(adamws, (":", "--"))]
     eps = [r["settings"]["method"]["eps"] for r in sweep]
     sweep_ax.plot(eps, [r["validation"]["loss"] for r in sweep], marker="o", color="C0", label="ACR held-out loss")
-    sweep_ax.axhline(adamw["validation"]["loss"], color="C0", linestyle=":", label="AdamW held-out loss")
+    for adamw, style, where in styles:
+        sweep_ax.axhline(adamw["validation"]["loss"], color="C0", linestyle=style, label=f"AdamW held-out loss{where}")
     sweep_ax.set(
         xscale="log" if eps else "linear", xlabel="training eps (ACR, alpha 0.5)", ylabel="held-out loss (clean)"
     )
@@ -360,20 +380,18 @@ def converged_plot(records: list[dict[str, Any]], family: str, path: Path) -> No
     twin.plot(
         eps, [_at(r["test"], 1.0)["delta_loss"] for r in sweep], marker="s", color="C3", label="ACR test ΔL, eps 1"
     )
-    twin.axhline(_at(adamw["test"], 1.0)["delta_loss"], color="C3", linestyle=":", label="AdamW test ΔL, eps 1")
+    for adamw, style, where in styles:
+        delta = _at(adamw["test"], 1.0)["delta_loss"]
+        twin.axhline(delta, color="C3", linestyle=style, label=f"AdamW test ΔL, eps 1{where}")
     twin.set(ylabel="test loss increase at eval eps 1")
     handles = sweep_ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     sweep_ax.legend(handles=handles, fontsize=7, loc="upper center")
     sweep_ax.set_title(f"{family}: sweep (seed 0)", fontsize=9)
-    chosen = chosen_eps(records)
-    metric = _metric(adamw)
+    metric = _metric(adamws[0])
+    rows = _final_rows(records, chosen_eps(records))
     for method in FINAL_METHODS:
-        runs = [
-            r
-            for r in records
-            if r["method"] == method and (method != "acr" or r["settings"]["method"]["eps"] == chosen)
-        ]
-        if chosen is None and method != "adamw" or not runs:
+        runs = [r for r in rows if r["method"] == method]
+        if not runs:
             continue
         grid = [0.0] + [c["eps"] for c in runs[0]["test"]["corrupted"]]
         values = [[r["test"][metric]] + [c[metric] for c in r["test"]["corrupted"]] for r in runs]
@@ -383,7 +401,7 @@ def converged_plot(records: list[dict[str, Any]], family: str, path: Path) -> No
             grid, mean, yerr=std, marker="o", markersize=3, capsize=2, label=f"{_label(runs[0])} ({len(runs)})"
         )
     final_ax.set(xlabel="evaluation eps (gradient corruption, L2, whole model)", ylabel=f"test {SHORT[metric]}")
-    final_ax.set_title(f"{family}: final rows, mean ± std over seeds (n runs)", fontsize=9)
+    final_ax.set_title(f"{family}: final rows, mean ± std over runs (n)", fontsize=9)
     final_ax.legend(fontsize=7)
     fig.savefig(path, dpi=120)
 

@@ -170,7 +170,7 @@ def test_converged(tmp_path, cache):
         "converged-lstm-fragile",
     }
     fragile = tables["converged-lstm-fragile"].splitlines()
-    assert fragile[0] == "**lstm, AdamW at convergence (held-out ΔL, mean of 1 seed)**, n = 10, L-inf"
+    assert fragile[0] == "**lstm, AdamW at convergence (held-out ΔL, mean of 1 run)**, n = 10, L-inf"
     at = {(f["by"], f["group"], f["eps"]): f["delta_loss"] for f in records[0]["fragility"]}
     assert fragile[2:4] == ["| eps | embedding | other | feed_forward | most fragile |", "|---|---|---|---|---|"]
     cells = fragile[6].removeprefix("| ").removesuffix(" |").split(" | ")  # eps 0.2, the paper's Transformer eps
@@ -206,6 +206,21 @@ def test_converged(tmp_path, cache):
                 ("adamw_2x", "| adamw_2x", records[5]["test"]["perplexity"]),
             )
         ),
+    ]
+    # A run on a GPU pairs with the AdamW run of its seed on that GPU (the same arithmetic); an AdamW run of a seed on
+    # another device is one more AdamW run.
+    for record, name, shift in ((records[0], "adamw", 1.0), (records[3], "sam", 1.5)):
+        twin = {**record, "environment": {**record["environment"], "device": "cuda: NVIDIA H200"}}
+        twin["test"] = {**record["test"], "perplexity": record["test"]["perplexity"] + shift}
+        (tmp_path / "converged" / "lstm" / f"{name}-seed0.h200.json").write_text(json.dumps(twin))
+    tables = summarize.tables(tmp_path)
+    rows = {row[0]: row for row in (line.split(" | ") for line in tables["converged-lstm"].splitlines()[2:])}
+    assert rows["| adamw"][1] == "2" and rows[final[1][0]] == final[1]  # ACR (CPU) still pairs with the CPU AdamW
+    sam = rows[final[3][0]]
+    assert sam[1] == "2" and sam[-2].startswith(f"{sam_ppl - adamw_ppl + 0.25:+.2f} ± ") and "(2 seeds)" in sam[-2]
+    assert [line.split(" | ")[-2:] for line in tables["converged-lstm-sweep"].splitlines()[2:4]] == [
+        [f"{records[0]['train_seconds']:.0f}", "cpu |"],
+        [f"{records[0]['train_seconds']:.0f}", "H200 |"],
     ]
 
 
@@ -244,7 +259,11 @@ def test_workers_split_the_plan(tmp_path, cache):
     script = REPO / "experiments" / "workers.sh"
     env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(
-        ["bash", str(script), "2", "600", str(tmp_path / "logs"), *argv], capture_output=True, text=True, env=env
+        ["bash", str(script), "2", "600", str(tmp_path / "logs"), *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -329,7 +348,7 @@ def test_converged_families(tmp_path, cache, family):
     final = tables[f"converged-{family}"].splitlines()
     assert "| rank of norm |" in tables[f"converged-{family}-fragile"].splitlines()[2]
     assert summarize.figures(tmp_path, tmp_path) == [tmp_path / f"converged_{family}.png"]
-    assert final[0].startswith(f"| method | seeds | best step | test {summarize.SHORT[metric]} |")
+    assert final[0].startswith(f"| method | runs | best step | test {summarize.SHORT[metric]} |")
     assert [line.split(" | ")[0] for line in final[2:]][-1] == "| adamw_2x"
 
 
@@ -345,7 +364,10 @@ def test_converged_families(tmp_path, cache, family):
         (["--final-eps", "-1"], "argument --final-eps:"),
         (["--device", "tpu"], "argument --device: must be a torch device such as cpu or cuda, got tpu"),
         (["--device", "mps"], "argument --device: must be cpu or a cuda device, got mps"),
-        *([(["--device", "cuda"], "argument --device: cuda: this machine has no CUDA device")] * (not torch.cuda.is_available())),
+        *(
+            [(["--device", "cuda"], "argument --device: cuda: this machine has no CUDA device")]
+            * (not torch.cuda.is_available())
+        ),
     ],
 )
 def test_converged_refuses_bad_arguments(capsys, argv, message):
