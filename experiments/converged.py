@@ -255,6 +255,11 @@ def fit(
     state["best"] = {"loss": math.inf, "step": 0, "model": copy.deepcopy(model.state_dict())}
     if checkpoint.is_file():
         saved = torch.load(checkpoint)
+        if (trained_on := saved.pop("device", "cpu")) != data.device.type:
+            raise SystemExit(
+                f"--device {data.device}: {checkpoint} holds a run in progress on {trained_on}, and a record names one "
+                f"device: resume it with --device {trained_on}, or delete the file to start the run again"
+            )
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         order.set_state(saved.pop("order"))
@@ -296,7 +301,7 @@ def fit(
         print(f"(best {best['loss']:.4f} at {best['step']})")
         state["seconds"] = time.perf_counter() - start
         training = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        training |= {"order": order.get_state(), "rng": torch.get_rng_state()}
+        training |= {"order": order.get_state(), "rng": torch.get_rng_state(), "device": data.device.type}
         if data.device.type == "cuda":
             training["cuda_rng"] = torch.cuda.get_rng_state(data.device)
         write_atomically(checkpoint, functools.partial(torch.save, state | training))

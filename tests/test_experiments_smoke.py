@@ -316,6 +316,11 @@ def test_converged_run_resumes_bit_for_bit(tmp_path, cache, monkeypatch):
     for key in ("model", "optimizer", "order", "rng", "queue", "step", "bad"):
         torch.testing.assert_close(saved[0][key], saved[1][key], rtol=0, atol=0, msg=key)
     assert saved[1]["optimizer"]["param_groups"][0]["lr"] == args.lr * args.lr_decay**3
+    # A run in progress goes on only on the device it trained on: its record names one.
+    assert saved[1]["device"] == "cpu"
+    torch.save({**saved[1], "device": "cuda"}, tmp_path / "stopped.pt")
+    with pytest.raises(SystemExit, match=r"--device cpu: .*stopped.pt holds a run in progress on cuda.*--device cuda"):
+        fit(tmp_path / "stopped.pt", 0)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "marian"])
