@@ -43,7 +43,8 @@ for i in $(seq 1 "$workers"); do
     "$python" experiments/converged.py "$@" >"$logs/worker-$i.log" 2>&1 &
     pids+=($!)
     # The first worker alone until it starts training: it writes the caches (datasets', the tokenizer) the others read.
-    while [ "$i" -eq 1 ] && kill -0 "${pids[0]}" 2>/dev/null && ! grep -q ": training" "$logs/worker-1.log"; do sleep 1; done
+    while [ "$i" -eq 1 ] && kill -0 "${pids[0]}" 2>/dev/null && ! grep -q ": training" "$logs/worker-1.log" &&
+        [ $(($(date +%s) - start)) -lt "$seconds" ]; do sleep 1; done
 done
 while [ $(($(date +%s) - start)) -lt "$seconds" ]; do
     running=0
