@@ -275,8 +275,8 @@ def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
         runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         if not runs:
             continue
-        paired = [(r, adamw[r["seed"], _device(r)]) for r in runs if (r["seed"], _device(r)) in adamw]
-        paired = paired if method != "adamw" else []
+        keys = [] if method == "adamw" else [(r, (r["seed"], _device(r))) for r in runs]
+        paired = [(r, adamw[key]) for r, key in keys if key in adamw]
         cells = [
             _label(runs[0]),
             str(len(runs)),

@@ -38,15 +38,17 @@ trap '[ "$mps" = on ] && echo quit | nvidia-cuda-mps-control' EXIT
 echo "workers: $workers for ${seconds}s, MPS $mps"
 
 start=$(date +%s)
+in_time() { [ $(($(date +%s) - start)) -lt "$seconds" ]; }
 pids=()
 for i in $(seq 1 "$workers"); do
     "$python" experiments/converged.py "$@" >"$logs/worker-$i.log" 2>&1 &
     pids+=($!)
     # The first worker alone until it starts training: it writes the caches (datasets', the tokenizer) the others read.
-    while [ "$i" -eq 1 ] && kill -0 "${pids[0]}" 2>/dev/null && ! grep -q ": training" "$logs/worker-1.log" &&
-        [ $(($(date +%s) - start)) -lt "$seconds" ]; do sleep 1; done
+    while [ "$i" -eq 1 ] && kill -0 "${pids[0]}" 2>/dev/null && ! grep -q ": training" "$logs/worker-1.log" && in_time; do
+        sleep 1
+    done
 done
-while [ $(($(date +%s) - start)) -lt "$seconds" ]; do
+while in_time; do
     running=0
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && running=$((running + 1)); done
     [ "$running" -eq 0 ] && break

@@ -369,9 +369,10 @@ def test_converged_families(tmp_path, cache, family):
         (["--final-eps", "-1"], "argument --final-eps:"),
         (["--device", "tpu"], "argument --device: must be a torch device such as cpu or cuda, got tpu"),
         (["--device", "mps"], "argument --device: must be cpu or a cuda device, got mps"),
-        *(
-            [(["--device", "cuda"], "argument --device: cuda: this machine has no CUDA device")]
-            * (not torch.cuda.is_available())
+        pytest.param(
+            ["--device", "cuda"],
+            "argument --device: cuda: this machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device"),
         ),
     ],
 )
