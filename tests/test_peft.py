@@ -175,6 +175,15 @@ def test_probe_unmerged_in_the_base_weights_gives_the_merged_table(task):
     for batch, loss in zip(batches, reference):
         torch.testing.assert_close(merged(**batch).loss, loss)
     settings = {"eps": [0.05, 0.5], "method": ["gradient", "random"], "trials": 2}
+    # The gradient of a key bias is zero in exact arithmetic (it adds q.b to every score of a query, which the
+    # softmax ignores), so in floats it is rounding noise of order 1e-12 that may or may not come out exactly 0.
+    # The non-zero count l0 of a gradient corruption may thus differ by at most the number of key-bias entries
+    # (it did with peft 0.21, whose LoRA forward rounds differently from 0.18's).
+    key_bias_entries = sum(
+        p.numel() // 3 if name.endswith("c_attn.bias") else p.numel()
+        for name, p in stand_ins.items()
+        if name.endswith(("c_attn.bias", "k_proj.bias"))
+    )
     for by in ("type", "layer"):
         unmerged_table = probe(model.get_base_model(), batches, by=by, params=stand_ins.values(), **settings)
         merged_table = probe(merged, batches, by=by, params=list(stand_ins), **settings)
@@ -197,6 +206,8 @@ def test_probe_unmerged_in_the_base_weights_gives_the_merged_table(task):
             for key in u:
                 if isinstance(u[key], float):
                     assert u[key] == pytest.approx(m[key], rel=1e-4, abs=1e-6), (by, u["group"], key)
+                elif key == "l0":
+                    assert abs(u[key] - m[key]) <= key_bias_entries, (by, u["group"], u[key], m[key])
                 else:
                     assert u[key] == m[key], (by, key)
     for name, p in model.named_parameters():
