@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .buffers import BufferSnapshot
 from .corruption import (
     LpCorruption,
     NonFiniteGradientError,
@@ -99,6 +100,7 @@ class _Pending:
     sparse: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # param, flat indices, old values
     grads: list[tuple[float, list[Tensor], list[Tensor]]] = field(default_factory=list)  # alpha, params, clean grads
     gradless: list[Tensor] = field(default_factory=list)
+    buffers: BufferSnapshot | None = None  # module buffers as the clean pass left them
 
 
 class ACR(Optimizer):
@@ -115,7 +117,21 @@ class ACR(Optimizer):
     is corrupted (two passes); the others are plain base steps with a single forward/backward.
 
     ``ACR`` shares ``param_groups`` and ``state`` with ``base_optimizer``, so LR schedulers,
-    ``add_param_group`` and ``state_dict``/``load_state_dict`` act on both.  The settings live in
+    ``add_param_group`` and ``state_dict``/``load_state_dict`` act on both; ``defaults`` holds the
+    base optimizer's defaults and ACR's (schedulers such as ``OneCycleLR`` read momentum or betas
+    there).  The hooks of torch's optimizer registry registered on ``ACR`` fire as on any optimizer;
+    global step hooks (``register_optimizer_step_pre_hook``) see ACR's step and, inside it, the base
+    optimizer's.  ``deepcopy`` and pickle copy the base optimizer with it (refused while perturbed).
+    Complex parameters are corrupted as their real view (``torch.view_as_real``), as torch's
+    optimizers treat them; sparse gradients are refused.
+
+    Module buffers: the corrupted forward runs in training mode at ``w + a`` and would update
+    BatchNorm's running statistics (and any buffer a module updates in place) a second time.
+    Between :meth:`perturb` and :meth:`restore` every buffer a forward reaches is recorded and then
+    written back bit for bit (:class:`~acr_optim.buffers.BufferSnapshot`), so a step leaves the
+    buffers as the clean pass left it, in every way of driving ACR.  (Not seen: a module compiled in
+    place with ``module.compile()``, whose hooks run inside the compiled graph; ``torch.compile(model)``
+    is covered.)  The settings live in
     each param group as ``acr_eps``, ``acr_p``, ``acr_alpha`` and ``acr_n`` (prefixed, because
     ``eps`` is already Adam's) and may be overridden per group.  All groups that share
     ``(acr_eps, acr_p, acr_n)`` are corrupted together as one vector under one constraint (so a
@@ -148,8 +164,9 @@ class ACR(Optimizer):
 
       ``perturb()``/``restore()`` are the same two halves as methods.
 
-    Memory: between perturb and restore, one backup of the corrupted parameters (dense groups)
-    or ``n`` indices and old values (top-n groups whose ``n`` makes that smaller); the clean
+    Memory: between perturb and restore, a copy of the module buffers the corrupted forward
+    reaches, one backup of the corrupted parameters (dense groups) or ``n`` indices and old
+    values (top-n groups whose ``n`` makes that smaller); the clean
     gradient stays in ``.grad``, pre-scaled by ``(1 - alpha)/alpha`` so the corrupted backward
     accumulates onto it (with ``alpha = 1`` it is dropped and the corrupted backward writes
     fresh gradients).  Dense backups are kept between steps to avoid re-allocation; they are
@@ -170,7 +187,9 @@ class ACR(Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, ACR):
             raise TypeError("base_optimizer is already an ACR optimizer")
+        # The base optimizer's defaults too: schedulers (OneCycleLR, CyclicLR) read momentum/betas from here.
         defaults = {
+            **base_optimizer.defaults,
             "acr_eps": check_eps(eps, allow_zero=True),
             "acr_p": check_p(p),
             "acr_alpha": check_alpha(alpha),
@@ -216,21 +235,62 @@ class ACR(Optimizer):
                 "shards is not implemented"
             )
 
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (its groups carry the ``acr_*`` settings) plus ACR's step count."""
-        return {**self.base_optimizer.state_dict(), "acr": {"steps": self._steps}}
+        """The base optimizer's state dict (its groups carry the ``acr_*`` settings) plus ACR's step count.
 
+        Hooks registered on ``ACR`` (``register_state_dict_pre_hook``/``..._post_hook``) run around
+        it as on any optimizer; hooks registered on the base optimizer run inside it.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = {**self.base_optimizer.state_dict(), "acr": {"steps": self._steps}}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        return state_dict
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class or of the bare base optimizer (ACR settings then come from ``__init__``)."""
+        """Load a state dict of this class or of the bare base optimizer (ACR settings then come from ``__init__``).
+
+        ``register_load_state_dict_pre_hook``/``..._post_hook`` hooks run around it as on any optimizer.
+        """
         if self._pending is not None:
             raise RuntimeError("load_state_dict() while the weights are perturbed: call restore() first")
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else dict(result)
         self._steps = state_dict.pop("acr", {}).get("steps", 0)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
             self._adopt_group(group)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles defaults, state and param_groups only; ACR also needs its base optimizer
+        # (whose param_groups and state are the same objects, so pickle and deepcopy keep them shared).
+        if self._pending is not None:
+            raise RuntimeError("cannot pickle or copy ACR while the weights are perturbed: call restore() first")
+        state = super().__getstate__()
+        state.update(
+            {
+                name: self.__dict__[name]
+                for name in ("base_optimizer", "interval", "_steps", "skipped_steps", "_corrupted_this_step")
+            }
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._pending = None
+        self._nonfinite = False
+        self._backups = {}
+        self.last_first_order_gain = self.last_corruption_norm = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients, except while perturbed: then ``.grad`` holds the clean gradient ACR mixes in."""
@@ -292,7 +352,10 @@ class ACR(Optimizer):
             if not params:
                 continue
             if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("ACR does not support sparse gradients")
+                raise RuntimeError(
+                    "ACR does not support sparse gradients (nn.Embedding(sparse=True) and the like): use dense "
+                    "gradients for the parameters ACR corrupts"
+                )
             uses_corrupted_grad |= group["acr_alpha"] > 0
             if group["acr_eps"] > 0:
                 vectors.setdefault((group["acr_eps"], group["acr_p"], group["acr_n"]), []).extend(params)
@@ -300,7 +363,10 @@ class ACR(Optimizer):
             return False
         plans = []
         for (eps, p_norm, n), params in vectors.items():
-            grads, owners = [p.grad for p in params], params
+            owners = params
+            # A complex number is two real ones, as torch's optimizers treat it: corrupt its real view.
+            params = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+            grads = [torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad for p in owners]
             shard_group = _shard_group(params)
             if shard_group is not None:  # FSDP2: work on this process's shards, reduce norms over the group
                 params, grads = [p.to_local() for p in params], [g.to_local() for g in grads]
@@ -331,6 +397,7 @@ class ACR(Optimizer):
                     _put_(p, i, old + v)
                     pending.sparse.append((p, i, old))
         self._stash_clean_grads(pending)
+        pending.buffers = BufferSnapshot()
         self._pending = pending
         self.last_first_order_gain = sum(plan.gain for *_, plan in plans)
         self.last_corruption_norm = _combined_norm([(plan.eps, plan.p) for *_, plan in plans])
@@ -395,6 +462,7 @@ class ACR(Optimizer):
             torch._foreach_copy_(pending.dense_params, pending.dense_backups)
         for p, index, old in pending.sparse:
             _put_(p, index, old)
+        pending.buffers.restore()
         reset = False
         for alpha, params, grads in pending.grads:
             if alpha == 0:
