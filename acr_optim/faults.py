@@ -43,6 +43,7 @@ __all__ = [
     "Fault",
     "bit_flip_error",
     "cast_error",
+    "cast_step",
     "check_bits",
     "check_cast_dtype",
     "check_format",
@@ -51,6 +52,7 @@ __all__ = [
     "parse_fault",
     "pruning_error",
     "quantization_error",
+    "quantization_step",
     "worst_bit_flips",
 ]
 
@@ -215,6 +217,32 @@ def quantization_error(tensors: Tensors, bits: int, granularity: str | int = "ch
     """
     tensors, bits, granularity = _check_tensors(tensors), check_bits(bits), check_granularity(granularity)
     return _deltas(tensors, [_quantized(w, bits, granularity) for w in tensors])
+
+
+def quantization_step(w: Tensor, bits: int, granularity: str | int = "channel") -> Tensor:
+    """The step ``s`` of each weight's block under :func:`quantization_error`, shaped as ``w``.
+
+    Round to nearest moves each weight by at most ``s/2``: the error set of the fault, to first
+    order in ``w`` (``s`` itself depends on the block's ``max|w|``), is the box ``|d| <= s/2``.
+    """
+    bits, granularity = check_bits(bits), check_granularity(granularity)
+    if w.numel() == 0:
+        return torch.zeros_like(w)
+    q, scale = _round_to_grid(w.detach(), bits, granularity)
+    return scale.to(w.dtype).expand(q.shape).reshape(w.shape)
+
+
+def cast_step(w: Tensor, dtype: torch.dtype | str) -> Tensor:
+    """The spacing (one ulp) of ``dtype`` at each weight, in ``w.dtype``: ``2^(floor(log2|w|)) * finfo(dtype).eps``.
+
+    Below the smallest normal of ``dtype`` the spacing of its subnormals.  Round to nearest moves
+    each weight by at most half of it (short of saturation): the cast's error set is that box.
+    """
+    dtype = check_cast_dtype(dtype)
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(w.detach().float())  # |w| = m 2^e with m in [0.5, 1)
+    spacing = torch.ldexp(torch.full_like(exponent, info.eps, dtype=torch.float32), exponent - 1)
+    return spacing.clamp_(min=info.smallest_normal * info.eps).to(w.dtype)
 
 
 def cast_error(tensors: Tensors, dtype: torch.dtype | str) -> list[Tensor]:
@@ -666,6 +694,11 @@ class Fault:
     _apply: Callable[[list[Tensor], list[Tensor], torch.Generator | None], list[Tensor]] = field(
         repr=False, compare=False
     )
+    #: ``"quantize"``, ``"cast"``, ``"flip"`` (a rate), ``"flips"`` (a count), ``"flip-worst"`` or ``"prune"``
+    kind: str = ""
+    #: the parsed options: ``bits``/``granularity`` (quantize), ``dtype`` (cast), ``rate``/``count``, ``bits``,
+    #: ``format`` (flips), ``sparsity``/``scope`` (prune)
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def targets(self, t: Tensor) -> bool:
         """Whether this fault changes ``t`` (weight matrices, or every tensor with ``:all``)."""
@@ -748,8 +781,10 @@ def parse_fault(spec: str) -> Fault:
         options.pop()
     suffix = ", incl. 1-D parameters" if include_1d else ""
 
-    def make(label: str, apply: Callable, stochastic: bool = False, uses_grads: bool = False) -> Fault:
-        return Fault(name, label + suffix, stochastic, uses_grads, include_1d, apply)
+    def make(
+        label: str, apply: Callable, kind: str, stochastic: bool = False, uses_grads: bool = False, **settings: Any
+    ) -> Fault:
+        return Fault(name, label + suffix, stochastic, uses_grads, include_1d, apply, kind, settings)
 
     if match := re.fullmatch(r"int(\d+)", head):
         bits = int(match[1])
@@ -766,13 +801,15 @@ def parse_fault(spec: str) -> Fault:
             label = f"int{bits} weights, group {granularity}"
         else:
             raise _bad_spec(spec, f"granularity must be channel, tensor or g<G> with G >= 1, got {option!r}")
-        return make(label, lambda ts, gs, gen: [_quantized(w, bits, granularity) for w in ts])
+        apply = lambda ts, gs, gen: [_quantized(w, bits, granularity) for w in ts]  # noqa: E731
+        return make(label, apply, "quantize", bits=bits, granularity=granularity)
     if head in CAST_DTYPES:
         if options:
             raise _bad_spec(spec, f"a cast takes no options, got {options}")
         dtype = CAST_DTYPES[head]
         label = f"{str(dtype).removeprefix('torch.').removesuffix('fn')} weights"
-        return make(label, lambda ts, gs, gen: [_saturated(w, dtype).to(w.dtype, copy=True) for w in ts])
+        apply = lambda ts, gs, gen: [_saturated(w, dtype).to(w.dtype, copy=True) for w in ts]  # noqa: E731
+        return make(label, apply, "cast", dtype=dtype)
     if head in ("flip", "flips", "flip-worst"):
         if not options:
             raise _bad_spec(spec, f"{head} needs a {'rate' if head == 'flip' else 'count'}")
@@ -787,7 +824,11 @@ def parse_fault(spec: str) -> Fault:
             return make(
                 f"random bit flips{where}, rate {rate:g}",
                 lambda ts, gs, gen: _flipped(ts, rate, None, bits, format, gen),
+                "flip",
                 stochastic=True,
+                rate=rate,
+                bits=bits,
+                format=format,
             )
         count = _number(spec, number, "the flip count", int)
         if count < 0:
@@ -797,12 +838,20 @@ def parse_fault(spec: str) -> Fault:
             return make(
                 f"{count} random bit flips{where}",
                 lambda ts, gs, gen: _flipped(ts, None, count, bits, format, gen),
+                "flips",
                 stochastic=True,
+                count=count,
+                bits=bits,
+                format=format,
             )
         return make(
             f"{count} worst bit flips{where}",
             lambda ts, gs, gen: _worst_flipped(ts, gs, count, bits, format),
+            "flip-worst",
             uses_grads=True,
+            count=count,
+            bits=bits,
+            format=format,
         )
     if head == "prune":
         if not options or len(options) > 2:
@@ -814,7 +863,7 @@ def parse_fault(spec: str) -> Fault:
         if scope not in ("global", "tensor"):
             raise _bad_spec(spec, f"the pruning scope must be global or tensor, got {scope!r}")
         label = f"{100 * sparsity:g}% magnitude pruning" + (", per tensor" if scope == "tensor" else "")
-        return make(label, lambda ts, gs, gen: _pruned(ts, sparsity, scope))
+        return make(label, lambda ts, gs, gen: _pruned(ts, sparsity, scope), "prune", sparsity=sparsity, scope=scope)
     raise _bad_spec(spec, f"unknown fault {head!r}")
 
 

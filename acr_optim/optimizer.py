@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .buffers import BufferSnapshot
+from .fault_sets import FaultSet, fault_set
 from .corruption import (
     LpCorruption,
     NonFiniteGradientError,
@@ -143,6 +144,14 @@ class ACR(Optimizer):
     ``last_first_order_gain`` holds the predicted loss increase ``a.g`` and
     ``last_corruption_norm`` the norm ``||a||_p`` applied.
 
+    Fault-shaped corruption (``fault="int4:g32"``, ``fault_mode`` ``"worst"``/``"actual"``/``"random"``,
+    ``fault_radius``): instead of the Lp ball, ``a`` is drawn from the error set of a deployment fault
+    (:mod:`acr_optim.fault_sets`): the first-order worst case inside it, the fault itself
+    (``a = fault(w) - w``; with ``alpha = 1`` quantization-aware training with a straight-through
+    gradient), or a random draw.  ``eps``, ``p`` and ``n`` then do not apply; per group as
+    ``acr_fault``, ``acr_fault_mode``, ``acr_fault_radius``.  The step restores ``w`` bit for bit as
+    with the ball; ``last_corruption_norm`` is ``||a||_2``.
+
     FSDP2 (``fully_shard``): parameters sharded as DTensors on a 1-D mesh are supported with
     ``n = None`` and ``p > 1``; the norms are reduced across the shard group, so every process
     applies its shard of the same global corruption (2 processes == 1 process, tested).  Top-n
@@ -182,6 +191,9 @@ class ACR(Optimizer):
         n: int | None = None,
         *,
         interval: int = 1,
+        fault: str | None = None,
+        fault_mode: str = "worst",
+        fault_radius: float = 1.0,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
@@ -194,7 +206,12 @@ class ACR(Optimizer):
             "acr_p": check_p(p),
             "acr_alpha": check_alpha(alpha),
             "acr_n": check_n(n),
+            "acr_fault": fault,
+            "acr_fault_mode": fault_mode,
+            "acr_fault_radius": fault_radius,
         }
+        if fault is not None:
+            fault_set(fault, fault_mode, fault_radius)  # a bad spec, mode or radius fails here, naming the argument
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int (1 = corrupt every step), got {interval!r}")
         self.base_optimizer = base_optimizer
@@ -229,11 +246,24 @@ class ACR(Optimizer):
         check_p(group["acr_p"], name="param group acr_p")
         check_alpha(group["acr_alpha"], name="param group acr_alpha")
         check_n(group["acr_n"], name="param group acr_n")
-        if _shard_group(group["params"]) is not None and (group["acr_n"] is not None or group["acr_p"] == 1):
+        sharded = _shard_group(group["params"]) is not None
+        if sharded and (group["acr_n"] is not None or group["acr_p"] == 1):
             raise NotImplementedError(
                 "ACR with sharded (FSDP2) parameters supports n=None and p > 1 only: a top-n selection across "
                 "shards is not implemented"
             )
+        if group["acr_fault"] is not None:
+            where = f"param group {next((i for i, g in enumerate(self.param_groups) if g is group), len(self.param_groups))}"
+            faults = self._fault_set(group)
+            if group["acr_n"] is not None:
+                raise ValueError(f"n applies to the Lp ball; with fault {group['acr_fault']!r} leave n=None ({where})")
+            if sharded:
+                raise NotImplementedError("fault-shaped corruption of sharded (FSDP2) parameters is not implemented")
+            faults.check(group["params"], where)
+
+    @staticmethod
+    def _fault_set(group: dict[str, Any]) -> FaultSet:
+        return fault_set(group["acr_fault"], group["acr_fault_mode"], group["acr_fault_radius"])
 
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
@@ -344,8 +374,10 @@ class ACR(Optimizer):
         self.last_first_order_gain = self.last_corruption_norm = None
         if not self.corrupts_this_step:
             return False
-        # Groups with the same (eps, p, n) form one vector under one constraint.
+        # Groups with the same (eps, p, n) form one vector under one constraint; those with the same fault set one
+        # vector under that fault (K flips, a pruning share, across the groups).
         vectors: dict[tuple[float, float, int | None], list[Tensor]] = {}
+        fault_vectors: dict[FaultSet, list[Tensor]] = {}
         uses_corrupted_grad = False
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -357,7 +389,9 @@ class ACR(Optimizer):
                     "gradients for the parameters ACR corrupts"
                 )
             uses_corrupted_grad |= group["acr_alpha"] > 0
-            if group["acr_eps"] > 0:
+            if group["acr_fault"] is not None:
+                fault_vectors.setdefault(self._fault_set(group), []).extend(params)
+            elif group["acr_eps"] > 0:
                 vectors.setdefault((group["acr_eps"], group["acr_p"], group["acr_n"]), []).extend(params)
         if not uses_corrupted_grad:
             return False
@@ -379,7 +413,23 @@ class ACR(Optimizer):
                 return False
             if plan is not None:
                 plans.append((owners, params, indices, h, plan))
-        if not plans:
+        faulty = []
+        for faults, params in fault_vectors.items():
+            params = [p for p in params if faults.fault.targets(p)]
+            grads = [p.grad for p in params]
+            if not params or not all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads)):
+                self._nonfinite |= bool(params)
+                continue
+            values = faults.corrupted([p.detach() for p in params], grads)
+            gains, norms = [], []
+            for v, w, g in zip(values, params, grads):
+                moved = v - w
+                gains.append((moved * g).sum(dtype=torch.float64))
+                norms.append(torch.linalg.vector_norm(moved, dtype=torch.float64))
+            faulty.append((params, values, torch.stack(gains).sum().item(), torch.stack(norms).norm().item()))
+        if self._nonfinite:
+            return False
+        if not plans and not faulty:
             return False
 
         pending = _Pending()
@@ -396,11 +446,19 @@ class ACR(Optimizer):
                     old = p.reshape(-1)[i]
                     _put_(p, i, old + v)
                     pending.sparse.append((p, i, old))
+        for params, values, _, _ in faulty:  # the faulty values themselves, bit for bit
+            backups = [self._backup(p, p) for p in params]
+            torch._foreach_copy_(backups, params)
+            torch._foreach_copy_(params, values)
+            pending.dense_params += params
+            pending.dense_backups += backups
         self._stash_clean_grads(pending)
         pending.buffers = BufferSnapshot()
         self._pending = pending
-        self.last_first_order_gain = sum(plan.gain for *_, plan in plans)
-        self.last_corruption_norm = _combined_norm([(plan.eps, plan.p) for *_, plan in plans])
+        self.last_first_order_gain = sum(plan.gain for *_, plan in plans) + sum(gain for *_, gain, _ in faulty)
+        self.last_corruption_norm = _combined_norm(
+            [(plan.eps, plan.p) for *_, plan in plans] + [(norm, 2.0) for *_, norm in faulty]
+        )
         return True
 
     def _perturb_dense(
@@ -549,11 +607,15 @@ class ACR(Optimizer):
 
     def _needs_corruption(self) -> bool:
         groups = [g for g in self.param_groups if any(p.requires_grad for p in g["params"])]
-        return any(g["acr_eps"] > 0 for g in groups) and any(g["acr_alpha"] > 0 for g in groups)
+        corrupted = any(g["acr_eps"] > 0 or g["acr_fault"] is not None for g in groups)
+        return corrupted and any(g["acr_alpha"] > 0 for g in groups)
 
     def __repr__(self) -> str:
         d = self.defaults
+        corruption = f"eps={d['acr_eps']}, p={d['acr_p']}"
+        if d["acr_fault"] is not None:
+            corruption = f"fault={d['acr_fault']!r}, fault_mode={d['acr_fault_mode']!r}, fault_radius={d['acr_fault_radius']}"
         return (
-            f"ACR(eps={d['acr_eps']}, p={d['acr_p']}, alpha={d['acr_alpha']}, n={d['acr_n']}, "
+            f"ACR({corruption}, alpha={d['acr_alpha']}, n={d['acr_n']}, "
             f"interval={self.interval}, base={self.base_optimizer!r})"
         )

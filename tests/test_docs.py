@@ -45,6 +45,7 @@ def test_the_guides_have_snippets():
         "guides/peft.md",
         "guides/probe.md",
         "guides/faults.md",
+        "guides/fault_training.md",
     }
 
 

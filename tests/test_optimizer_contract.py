@@ -95,6 +95,9 @@ def test_defaults_hold_the_base_defaults_and_the_acr_settings(base):
         "acr_p": 2.0,
         "acr_alpha": 0.5,
         "acr_n": None,
+        "acr_fault": None,
+        "acr_fault_mode": "worst",
+        "acr_fault_radius": 1.0,
     }
 
 

@@ -1,0 +1,118 @@
+r"""Corruption sets shaped by a deployment fault: ACR trained against the fault a model will meet.
+
+The paper defines the corruption by a constraint set ``S`` and trains against its first-order
+worst case.  :mod:`acr_optim.corruption` implements the Lp ball ``{||a||_p = eps, ||a||_0 <= n}``;
+here ``S`` is the error set of a fault of :func:`~acr_optim.faults.parse_fault`, and the virtual
+corruption ``a`` is drawn from it in one of three modes::
+
+    fault              error set of a weight              worst: max a.g over S      random           actual
+    int<B>[:g<G>]      |a| <= r s/2 (s: its block step)   r s/2 sgn(g)               r s/2 xi         fault(w) - w
+    bf16|fp16|fp8_*    |a| <= r u/2 (u: ulp at w)         r u/2 sgn(g)               r u/2 xi         fault(w) - w
+    flips:K[:FMT]      K flips of stored bits             the K flips of largest g.a a draw (= actual) a draw
+    flip:RATE[:FMT]    Binomial(bits, RATE) flips         (refused: name a count)    a draw (= actual) a draw
+    flip-worst:K       the K worst flips                  the K worst flips          (refused)        = worst
+    prune:S            a = -w on the S smallest |w|       the pruning error          (refused)        = worst
+
+with ``xi`` uniform in ``{-1, +1}`` per weight (the paper's random corruption: ``g`` replaced by a
+random direction) and ``r`` the radius factor (``fault_radius``; boxes only, since a scaled bit
+flip is no bit flip).  ``sgn(g)`` is the first-order maximiser of ``a.g`` over a box, vertex by
+vertex.  ``actual`` with ``alpha = 1`` is quantization-aware training with a straight-through
+gradient: the gradient of ``L`` at the quantized weights is applied to the float weights.
+
+The fault applies to the tensors it targets (weight matrices; every tensor with ``:all``); the
+corrupted values are written as the fault produces them, bit for bit (for flips of the sign or
+exponent ``w + (w' - w)`` may miss ``w'``), and the backup restores ``w`` exactly.  Flips of the
+sign or exponent of float storage can make a weight inf or NaN; such a step is skipped as any
+non-finite step: train against flips in ``int8`` storage or of ``mantissa`` bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .faults import Fault, cast_step, parse_fault, quantization_step
+
+__all__ = ["FAULT_MODES", "FaultSet", "fault_set"]
+
+FAULT_MODES = ("worst", "actual", "random")
+_BOXES = ("quantize", "cast")
+
+
+@dataclass(frozen=True)
+class FaultSet:
+    """The error set of ``fault`` and the way ``mode`` draws the virtual corruption from it (see the module)."""
+
+    fault: Fault
+    mode: str
+    radius: float
+
+    def check(self, params: list[Tensor], where: str) -> None:
+        """Refuse parameters the fault cannot apply to (a group size that does not divide a row), naming them."""
+        group = self.fault.settings.get("granularity")
+        if self.fault.kind != "quantize" or not isinstance(group, int):
+            return
+        for i, p in enumerate(params):
+            cols = p[0].numel() if p.dim() >= 2 else p.numel()
+            if self.fault.targets(p) and cols % group:
+                raise ValueError(
+                    f"fault {self.fault.name!r}: the group size {group} must divide the row length {cols} of "
+                    f"parameter {i} (shape {tuple(p.shape)}) in {where}; choose a group size that divides every "
+                    "row, or :channel"
+                )
+
+    def corrupted(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """``w + a`` for each of ``params`` (all targeted by the fault), new tensors; ``grads`` is the clean gradient."""
+        kind = self.fault.kind
+        if kind in _BOXES and self.mode != "actual":
+            if kind == "quantize":
+                settings = self.fault.settings
+                steps = [quantization_step(w, settings["bits"], settings["granularity"]) for w in params]
+            else:
+                steps = [cast_step(w, self.fault.settings["dtype"]) for w in params]
+            if self.mode == "worst":
+                signs = [g.sign().to(w.dtype) for w, g in zip(params, grads)]
+            else:
+                signs = [torch.randint(0, 2, w.shape, device=w.device).to(w.dtype).mul_(2).sub_(1) for w in params]
+            return [torch.addcmul(w, s, sign, value=self.radius / 2) for w, s, sign in zip(params, steps, signs)]
+        if kind == "flips" and self.mode == "worst":
+            return _worst_of(self.fault).values(params, grads)
+        return self.fault.values(params, grads if self.fault.uses_grads else None)
+
+
+@lru_cache(maxsize=64)
+def _worst_of(fault: Fault) -> Fault:
+    """``flips:K:...`` -> ``flip-worst:K:...``: the same flips, chosen by first-order gain."""
+    return parse_fault("flip-worst" + fault.name[fault.name.index(":") :])
+
+
+@lru_cache(maxsize=64)
+def fault_set(spec: str, mode: str = "worst", radius: float = 1.0) -> FaultSet:
+    """The :class:`FaultSet` of a fault spec, a mode in :data:`FAULT_MODES` and a radius factor; checked here.
+
+    Raises ``ValueError`` naming the argument for an unknown spec (with the grammar), an unknown
+    mode, a radius that is not a positive number or is not 1 for a fault that is no box, and the
+    combinations the module table refuses.
+    """
+    fault = parse_fault(spec)
+    if mode not in FAULT_MODES:
+        raise ValueError(f"fault_mode must be one of {', '.join(map(repr, FAULT_MODES))}, got {mode!r}")
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (radius > 0 and math.isfinite(radius)):
+        raise ValueError(f"fault_radius must be a finite number > 0, got {radius!r}")
+    if radius != 1 and (fault.kind not in _BOXES or mode == "actual"):
+        raise ValueError(
+            f"fault_radius scales the half-step box of quantization and cast faults in fault_mode 'worst' or "
+            f"'random'; with fault {spec!r} and fault_mode {mode!r} it must be 1, got {radius!r}"
+        )
+    refused = {
+        ("flip", "worst"): "the worst case of random-rate flips is not defined: name a count (flips:K:...)",
+        ("flip-worst", "random"): "flip-worst names the worst flips, not a random draw: use flips:K:... instead",
+        ("prune", "random"): "pruning has no random draw: use fault_mode 'actual' (the pruning error)",
+    }
+    if (fault.kind, mode) in refused:
+        raise ValueError(f"fault {spec!r} with fault_mode {mode!r}: {refused[fault.kind, mode]}")
+    return FaultSet(fault, mode, float(radius))
