@@ -41,8 +41,10 @@ __all__ = [
     "check_p",
     "dual_exponent",
     "first_order_gain",
+    "gather",
     "gradient_corruption",
     "random_corruption",
+    "support",
     "top_n_indices",
 ]
 
@@ -336,8 +338,10 @@ class LpCorruption:
             torch.copysign(o, t, out=o)
 
 
-def _select(tensors: Sequence[Tensor], n: int | None, p: float) -> list[Tensor] | None:
-    """Flat indices of ``top_n`` (``p = 1`` keeps one entry), or ``None`` when every entry is kept."""
+def support(tensors: Sequence[Tensor], n: int | None, p: float) -> list[Tensor] | None:
+    """The entries the corruption of ``S = {||a||_p = eps, ||a||_0 <= n}`` may move: flat indices of the
+    ``n`` largest ``|x|`` (one for ``p = 1``, whose optimum is a single vertex), or ``None`` when every
+    entry may move."""
     if p == 1:
         n = 1
     if n is None or n >= sum(t.numel() for t in tensors):
@@ -345,7 +349,8 @@ def _select(tensors: Sequence[Tensor], n: int | None, p: float) -> list[Tensor] 
     return top_n_indices(tensors, n)
 
 
-def _gather(tensors: Sequence[Tensor], indices: Sequence[Tensor]) -> list[Tensor]:
+def gather(tensors: Sequence[Tensor], indices: Sequence[Tensor]) -> list[Tensor]:
+    """``[t.flatten()[i] for t, i]``: the entries of each tensor at its flat ``indices`` (detached)."""
     return [t.detach().reshape(-1)[i] for t, i in zip(tensors, indices)]
 
 
@@ -361,8 +366,8 @@ def gradient_corruption(grads: Sequence[Tensor], eps: float, p: float = 2, n: in
     eps, p, n = check_eps(eps), check_p(p), check_n(n)
     grads = [g.detach() for g in grads]
     out = [torch.zeros(g.shape, dtype=g.dtype, device=g.device) for g in grads]
-    indices = _select(grads, n, p)
-    h = grads if indices is None else _gather(grads, indices)
+    indices = support(grads, n, p)
+    h = grads if indices is None else gather(grads, indices)
     plan = LpCorruption.plan(h, eps, p)
     if plan is None:
         return out
@@ -402,7 +407,7 @@ def first_order_gain(grads: Sequence[Tensor], eps: float, p: float = 2, n: int |
     """
     eps, p, n = check_eps(eps), check_p(p), check_n(n)
     grads = list(grads)
-    indices = _select([g.detach() for g in grads], n, p)
+    indices = support([g.detach() for g in grads], n, p)
     h = grads if indices is None else [g.reshape(-1)[i] for g, i in zip(grads, indices)]
     h = [t for t in h if t.numel() > 0]
     if not h:

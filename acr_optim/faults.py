@@ -801,15 +801,21 @@ def parse_fault(spec: str) -> Fault:
             label = f"int{bits} weights, group {granularity}"
         else:
             raise _bad_spec(spec, f"granularity must be channel, tensor or g<G> with G >= 1, got {option!r}")
-        apply = lambda ts, gs, gen: [_quantized(w, bits, granularity) for w in ts]  # noqa: E731
-        return make(label, apply, "quantize", bits=bits, granularity=granularity)
+        return make(
+            label,
+            lambda ts, gs, gen: [_quantized(w, bits, granularity) for w in ts],
+            "quantize",
+            bits=bits,
+            granularity=granularity,
+        )
     if head in CAST_DTYPES:
         if options:
             raise _bad_spec(spec, f"a cast takes no options, got {options}")
         dtype = CAST_DTYPES[head]
         label = f"{str(dtype).removeprefix('torch.').removesuffix('fn')} weights"
-        apply = lambda ts, gs, gen: [_saturated(w, dtype).to(w.dtype, copy=True) for w in ts]  # noqa: E731
-        return make(label, apply, "cast", dtype=dtype)
+        return make(
+            label, lambda ts, gs, gen: [_saturated(w, dtype).to(w.dtype, copy=True) for w in ts], "cast", dtype=dtype
+        )
     if head in ("flip", "flips", "flip-worst"):
         if not options:
             raise _bad_spec(spec, f"{head} needs a {'rate' if head == 'flip' else 'count'}")

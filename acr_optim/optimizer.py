@@ -15,16 +15,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .buffers import BufferSnapshot
-from .fault_sets import FaultSet, fault_set
 from .corruption import (
     LpCorruption,
     NonFiniteGradientError,
-    _gather,
-    _select,
     check_eps,
     check_n,
     check_p,
+    gather,
+    support,
 )
+from .fault_sets import FaultSet, fault_set
 
 __all__ = ["ACR", "check_alpha"]
 
@@ -404,8 +404,8 @@ class ACR(Optimizer):
             shard_group = _shard_group(params)
             if shard_group is not None:  # FSDP2: work on this process's shards, reduce norms over the group
                 params, grads = [p.to_local() for p in params], [g.to_local() for g in grads]
-            indices = _select(grads, n, p_norm)
-            h = grads if indices is None else _gather(grads, indices)
+            indices = support(grads, n, p_norm)
+            h = grads if indices is None else gather(grads, indices)
             try:
                 plan = LpCorruption.plan(h, eps, p_norm, shard_group, params[0].device)
             except NonFiniteGradientError:
@@ -614,7 +614,9 @@ class ACR(Optimizer):
         d = self.defaults
         corruption = f"eps={d['acr_eps']}, p={d['acr_p']}"
         if d["acr_fault"] is not None:
-            corruption = f"fault={d['acr_fault']!r}, fault_mode={d['acr_fault_mode']!r}, fault_radius={d['acr_fault_radius']}"
+            corruption = (
+                f"fault={d['acr_fault']!r}, fault_mode={d['acr_fault_mode']!r}, fault_radius={d['acr_fault_radius']}"
+            )
         return (
             f"ACR({corruption}, alpha={d['acr_alpha']}, n={d['acr_n']}, "
             f"interval={self.interval}, base={self.base_optimizer!r})"

@@ -2,6 +2,7 @@
 (brute force over its vertices), stays inside it, ``actual`` writes ``fault(w)`` bit for bit, the worst
 flips are the best K-subset, steps restore bitwise, and bad input stops with one error naming the argument."""
 
+import functools
 import itertools
 import math
 
@@ -63,9 +64,10 @@ def box_step(spec, w):
 def test_worst_box_corruption_is_the_best_vertex_and_inside_the_box(values, grads, spec):
     w, g = torch.tensor(values).view(2, 4), torch.tensor(grads).view(2, 4)
     faults = fault_set(spec, "worst", 1.0)
-    a = (faults.corrupted([w], [g])[0].double() - w.double())
+    a = faults.corrupted([w], [g])[0].double() - w.double()
     half = box_step(spec, w).double() / 2
-    assert (a.abs() <= half * (1 + 2**-20)).all()  # w + a rounds once, in w's dtype
+    v = w.double() + a
+    assert (a.abs() <= half + torch.finfo(w.dtype).eps * v.abs()).all()  # w + a rounds once, in w's dtype
     best = max(
         (torch.tensor(signs).view(2, 4).double() * half * g.double()).sum().item()
         for signs in itertools.product((-1.0, 1.0), repeat=8)
@@ -98,7 +100,10 @@ def test_worst_and_random_boxes_at_a_radius(spec, radius):
         half = box_step(spec, w) / 2 * radius
         rounding = torch.finfo(w.dtype).eps * v.double().abs()  # w + a rounds once, to the float nearest it
         assert ((v.double() - w.double()) - half.double() * g.sign()).abs().le(rounding).all()
-    expected = sum((box_step(spec, w).double() / 2 * radius * g.double().abs()).sum().item() for w, g in zip(clean[::2], grads[::2]))
+    expected = sum(
+        (box_step(spec, w).double() / 2 * radius * g.double().abs()).sum().item()
+        for w, g in zip(clean[::2], grads[::2])
+    )
     assert gain == pytest.approx(expected, rel=1e-5)
     torch.manual_seed(3)
     inside, clean, _, _ = perturbed_weights(spec, "random", radius)
@@ -120,10 +125,14 @@ def test_worst_flips_are_the_best_k_subset_of_single_flips():
     codes = (dequantized / step).round().long()
 
     def flipped(i, bit):
-        code = ((int(codes[0, i]) & 0xFF) ^ (1 << bit)) - (256 if ((int(codes[0, i]) & 0xFF) ^ (1 << bit)) >= 128 else 0)
+        code = ((int(codes[0, i]) & 0xFF) ^ (1 << bit)) - (
+            256 if ((int(codes[0, i]) & 0xFF) ^ (1 << bit)) >= 128 else 0
+        )
         return code * step[0, i].item()
 
-    single = {(i, bit): g[0, i].item() * (flipped(i, bit) - dequantized[0, i].item()) for i in range(5) for bit in range(8)}
+    single = {
+        (i, bit): g[0, i].item() * (flipped(i, bit) - dequantized[0, i].item()) for i in range(5) for bit in range(8)
+    }
     best = max(single[a] + single[b] for a, b in itertools.combinations(single, 2) if a[0] != b[0])
     a = fault_set("flips:2:int8", "worst").corrupted([w], [g])[0] - dequantized
     assert int((a != 0).sum()) == 2
@@ -148,7 +157,7 @@ def test_training_restores_exactly_and_alpha_zero_is_the_base_bit_for_bit():
         for step in range(5):
             x, y = batch(step)
             optimizer.zero_grad()
-            optimizer.step(lambda: backward(net, x, y))
+            optimizer.step(functools.partial(backward, net, x, y))
         results.append([p.detach().clone() for p in net.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
     assert not all(torch.equal(a, b) for a, b in zip(results[2], results[1]))
@@ -162,7 +171,7 @@ def test_actual_with_alpha_one_is_quantization_aware_training_with_a_straight_th
     for step in range(3):
         x, y = batch(step)
         acr.zero_grad()
-        acr.step(lambda: backward(net, x, y))
+        acr.step(functools.partial(backward, net, x, y))
         # the reference: the gradient at the quantized weights, applied to the float weights
         plain.zero_grad()
         floats = [p.detach().clone() for p in reference.parameters()]
@@ -181,7 +190,9 @@ def test_param_groups_may_carry_their_own_fault_and_lp_stays_the_default():
     net = model()
     weights, biases = [net[0].weight, net[2].weight], [net[0].bias, net[2].bias]
     acr = ACR(
-        torch.optim.SGD([{"params": weights, "acr_fault": "int8", "acr_fault_mode": "actual"}, {"params": biases}], lr=0.1),
+        torch.optim.SGD(
+            [{"params": weights, "acr_fault": "int8", "acr_fault_mode": "actual"}, {"params": biases}], lr=0.1
+        ),
         eps=0.1,
     )
     backward(net, *batch())
@@ -205,7 +216,10 @@ def test_param_groups_may_carry_their_own_fault_and_lp_stays_the_default():
         ({"fault": "int4", "fault_mode": "actual", "fault_radius": 2}, "with fault 'int4' and fault_mode 'actual'"),
         ({"fault": "flip:1e-3:int8"}, "name a count"),
         ({"fault": "prune:0.5", "fault_mode": "random"}, "pruning has no random draw"),
-        ({"fault": "int4:g5"}, r"group size 5 must divide the row length 8 of parameter 0 \(shape \(16, 8\)\) in param group 0"),
+        (
+            {"fault": "int4:g5"},
+            r"group size 5 must divide the row length 8 of parameter 0 \(shape \(16, 8\)\) in param group 0",
+        ),
         ({"fault": "int4", "n": 10}, "n applies to the Lp ball"),
     ],
 )

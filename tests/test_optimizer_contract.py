@@ -173,7 +173,8 @@ def test_every_scheduler_of_torch_is_covered():
         for name, obj in vars(lr_scheduler).items()
         if isinstance(obj, type) and issubclass(obj, lr_scheduler.LRScheduler) and obj is not lr_scheduler.LRScheduler
     }
-    assert names - {"ReduceLROnPlateau", "_LRScheduler"} <= set(SCHEDULERS)  # _LRScheduler: a deprecated alias  # ReduceLROnPlateau: its own test below
+    # ReduceLROnPlateau has its own test below; _LRScheduler is a deprecated alias
+    assert names - {"ReduceLROnPlateau", "_LRScheduler"} <= set(SCHEDULERS)
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -294,12 +295,18 @@ def test_a_parameter_without_gradient_is_untouched(base):
     state = copy.deepcopy(acr.state[unused])  # empty, or what the base sets up at construction (Adagrad's sum)
     train(model, acr, data(2))
     assert torch.equal(unused, before) and unused.grad is None
-    assert acr.state[unused].keys() == state.keys() and all(torch.equal(acr.state[unused][k], v) for k, v in state.items())
+    assert acr.state[unused].keys() == state.keys() and all(
+        torch.equal(acr.state[unused][k], v) for k, v in state.items()
+    )
 
 
 def test_mixed_dtypes_in_one_group_are_corrupted_as_one_vector_and_restored_bitwise():
     torch.manual_seed(0)
-    weights = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6).bfloat16()), nn.Parameter(torch.randn(6).half())]
+    weights = [
+        nn.Parameter(torch.randn(6, 4)),
+        nn.Parameter(torch.randn(6).bfloat16()),
+        nn.Parameter(torch.randn(6).half()),
+    ]
 
     def backward():
         x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
