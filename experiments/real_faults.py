@@ -180,18 +180,20 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def paired(diffs: list[float], fmt: str) -> str:
-    """Mean of per-seed differences with the half-width of its 95% t interval; bold when it excludes 0."""
+def paired(diffs: list[float], fmt: str, base: float | None = None) -> str:
+    """Mean of per-seed differences with the half-width of its 95% t interval; bold when it excludes 0; with ``base``
+    (AdamW's mean), the mean difference relative to it."""
     from scipy.stats import t
 
     if not all(math.isfinite(d) for d in diffs):
         return "broken"
     mean = statistics.fmean(diffs)
+    relative = "" if base is None else f" ({100 * mean / base:+.0f} %)"
     if len(diffs) < 2:
-        return f"{format(mean, '+' + fmt)} (1 seed)"
+        return f"{format(mean, '+' + fmt)} (1 seed){relative}"
     half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     text = f"{format(mean, '+' + fmt)} ± {format(half, fmt)}"
-    return f"**{text}**" if abs(mean) > half else text
+    return (f"**{text}**" if abs(mean) > half else text) + relative
 
 
 def _label(corruption: str, eps: float | None) -> str:
@@ -230,8 +232,43 @@ def _mean_cell(rows: list[dict[str, Any]], with_delta: bool) -> str:
     return f"{metric} / {_cell([r['delta_loss'] for r in rows], '.3g')}" if with_delta else metric
 
 
+def _delta_diffs(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """``{(row label, method): per-seed ΔL - AdamW's ΔL}`` for every corruption row and method but AdamW."""
+    runs = _by_method(records)
+    adamw = runs.pop("adamw")
+    return {
+        (name, m): [seeds[s][name]["delta_loss"] - adamw[s][name]["delta_loss"] for s in seeds if s in adamw]
+        for name in next(iter(adamw.values()))
+        if name != "clean"
+        for m, seeds in runs.items()
+    }
+
+
+def holm(records: list[dict[str, Any]], level: float = 0.05) -> str:
+    """How many of the paired ΔL comparisons (every finite corruption row and method) a paired t-test keeps after
+    Holm's correction for their number, at ``level``."""
+    from scipy.stats import ttest_1samp
+
+    tests = sorted(
+        (ttest_1samp(diffs, 0.0).pvalue, name, m)
+        for (name, m), diffs in _delta_diffs(records).items()
+        if len(diffs) > 1 and all(math.isfinite(d) for d in diffs)
+    )
+    kept = []
+    for i, (p, name, m) in enumerate(tests):
+        if p > level / (len(tests) - i):
+            break
+        kept.append(f"{LABELS[m]} at {name}")
+    return (
+        f"Over the {len(tests)} ΔL comparisons of this table (paired t-tests), the smallest p-value is "
+        f"{tests[0][0]:.2g}; Holm's correction for their number at {level:.0%} keeps {len(kept)}"
+        + (f": {', '.join(kept)}." if kept else ", so every bold ΔL entry is an uncorrected result.")
+    )
+
+
 def paired_table(records: list[dict[str, Any]]) -> str:
-    """Per-seed paired difference to AdamW of the loss increase and of the faulty metric (95% t interval)."""
+    """Per-seed paired difference to AdamW of the loss increase (also relative to AdamW's mean) and of the faulty
+    metric (95% t interval)."""
     runs = _by_method(records)
     adamw = runs["adamw"]
     others = [m for m in runs if m != "adamw"]
@@ -244,7 +281,10 @@ def paired_table(records: list[dict[str, Any]]) -> str:
             seeds = [s for s in runs[m] if s in adamw]
             dl = [runs[m][s][name]["delta_loss"] - adamw[s][name]["delta_loss"] for s in seeds]
             dm = [runs[m][s][name]["metric_value"] - adamw[s][name]["metric_value"] for s in seeds]
-            delta = "-" if name == "clean" else paired(dl, ".3g")
+            base = [adamw[s][name]["delta_loss"] for s in seeds]
+            finite = len(base) > 1 and all(math.isfinite(b) for b in base)
+            clear = finite and statistics.fmean(base) > statistics.stdev(base)
+            delta = "-" if name == "clean" else paired(dl, ".3g", statistics.fmean(base) if clear else None)
             cells.append("-" if not seeds else f"{delta} / {paired(dm, '.1f')}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -294,9 +334,11 @@ def section(records: list[dict[str, Any]]) -> str:
             mean_table(records),
             (
                 "Paired difference to AdamW (same seed, same batches), mean ± half-width of the 95% t interval "
-                "over seeds; **bold** where the interval excludes 0 (negative ΔL = more robust than AdamW):"
+                "over seeds, and for ΔL the mean difference relative to AdamW's mean ΔL where that mean is larger "
+                "than its seed std; **bold** where the interval excludes 0 (negative ΔL = more robust than AdamW):"
             ),
             paired_table(records),
+            holm(records),
             f"![loss increase under real faults](images/results/{FIGURE.name})",
         ]
     )

@@ -101,7 +101,8 @@ def _rank(rows: list[dict[str, Any]], group: str) -> str:
 
 
 def _paper_lines(rows: list[dict[str, Any]], by: str, title: str) -> list[str]:
-    """One model's ΔL of every ``by`` group under the paper's protocol, a line per eps (and where ``norm`` ranks)."""
+    """One model's ΔL of every ``by`` group under the paper's protocol, a line per eps (and where ``norm`` ranks, with
+    the most fragile group's ΔL over norm's)."""
     at = _eps_rows(rows, by, "paper")
     groups = list(dict.fromkeys(r["group"] for r in rows if r["by"] == by))
     has_norm = by == "type" and "norm" in groups
@@ -109,14 +110,17 @@ def _paper_lines(rows: list[dict[str, Any]], by: str, title: str) -> list[str]:
     lines = [
         f"**{title}**, n = {n}, L-inf",
         "",
-        "| eps | " + " | ".join(groups) + " | most fragile" + (" | rank of norm |" if has_norm else " |"),
-        "|---|" + "---|" * (len(groups) + 1 + has_norm),
+        "| eps | "
+        + " | ".join(groups)
+        + " | most fragile"
+        + (" | rank of norm | most fragile / norm |" if has_norm else " |"),
+        "|---|" + "---|" * (len(groups) + 1 + 2 * has_norm),
     ]
     for eps, ranked in at.items():
         delta = {r["group"]: r["delta_loss"] for r in ranked}
         cells = [f"{eps:g}", *(_g(delta[g]) for g in groups), ranked[0]["group"]]
         if has_norm:
-            cells.append(_rank(ranked, "norm"))
+            cells += [_rank(ranked, "norm"), _g(ranked[0]["delta_loss"] / delta["norm"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -202,13 +206,17 @@ def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
         return None
     metric, grid = _metric(sweep[0]), [c["eps"] for c in sweep[0]["test"]["corrupted"]]
     short = SHORT[metric]
+    adamw = {_device(r): r for r in sweep if r["method"] == "adamw"}
     lines = [
         f"| run | best step (epochs) | stopped | held-out loss | test {short} | "
         + " | ".join(f"{short}, eps {e:g}" for e in grid)
-        + " | test ΔL, eps 1 | train s | device |",
-        "|---|---|---|---|---|" + "---|" * len(grid) + "---|---|---|",
+        + f" | test ΔL, eps 1 | test {short} - AdamW (same device) | ΔL eps 1 vs AdamW (same device) "
+        + "| train s | device |",
+        "|---|---|---|---|---|" + "---|" * len(grid) + "---|---|---|---|---|",
     ]
     for r in sorted(sweep, key=lambda r: (r["settings"]["method"]["eps"] or 0.0, _device(r) != "cpu")):
+        base = None if r["method"] == "adamw" else adamw.get(_device(r))
+        delta = _at(r["test"], 1.0)["delta_loss"]
         cells = [
             _label(r),
             f"{r['best_step']} ({r['epochs']:.1f})",
@@ -216,7 +224,9 @@ def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
             f"{r['validation']['loss']:.4f}",
             f"{r['test'][metric]:.2f}",
             *(f"{_at(r['test'], e)[metric]:.2f}" for e in grid),
-            _g(_at(r["test"], 1.0)["delta_loss"]),
+            _g(delta),
+            "-" if base is None else f"{r['test'][metric] - base['test'][metric]:+.2f}",
+            "-" if base is None else f"{100 * (delta / _at(base['test'], 1.0)['delta_loss'] - 1):+.0f} %",
             f"{r['train_seconds']:.0f}",
             _device(r),
         ]
@@ -225,7 +235,8 @@ def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
 
 
 def _paired(diffs: list[float], digits: int) -> str:
-    """Mean paired difference with the half-width of its 95% t-interval."""
+    """Mean paired difference with the half-width of its 95% t-interval, and how many differences are above and below
+    0."""
     from scipy.stats import t
 
     if not diffs:
@@ -233,7 +244,18 @@ def _paired(diffs: list[float], digits: int) -> str:
     if len(diffs) == 1:
         return f"{diffs[0]:+.{digits}f} (1 seed)"
     half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f"{statistics.fmean(diffs):+.{digits}f} ± {half:.{digits}f} ({len(diffs)} seeds)"
+    signs = f"{sum(d > 0 for d in diffs)} +, {sum(d < 0 for d in diffs)} -"
+    return f"{statistics.fmean(diffs):+.{digits}f} ± {half:.{digits}f} ({len(diffs)} seeds: {signs})"
+
+
+def _welch(runs: list[float], base: list[float], digits: int) -> str:
+    """Unpaired: the difference of the two means with the half-width of its 95% Welch interval, and Welch's p-value."""
+    from scipy.stats import ttest_ind
+
+    test = ttest_ind(runs, base, equal_var=False)
+    ci = test.confidence_interval()
+    diff = statistics.fmean(runs) - statistics.fmean(base)
+    return f"{diff:+.{digits}f} ± {(ci.high - ci.low) / 2:.{digits}f} (p {test.pvalue:.2g})"
 
 
 def _l2_eps(record: dict[str, Any]) -> float:
@@ -252,41 +274,120 @@ def _final_rows(records: list[dict[str, Any]], eps: float | None) -> list[dict[s
     ]
 
 
-def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
-    """The final rows of one family (mean ± std over runs) and, per run against the AdamW run of the same seed on the same
-    device (the same initial weights and batch order, the same arithmetic), the paired differences of the clean test
-    metric and of the test loss increase at eps 1 (mean ± 95% CI half-width)."""
+Runs = dict[tuple[int, str], dict[str, Any]]  # AdamW runs by (seed, device)
+
+
+def _twin(run: dict[str, Any], adamw: Runs, same_device: bool) -> dict[str, Any] | None:
+    """The AdamW run of ``run``'s seed on ``run``'s device (``same_device``) or on another device, if there is one."""
+    here = _device(run)
+    twins = [r for (seed, device), r in adamw.items() if seed == run["seed"] and (device == here) == same_device]
+    return twins[0] if twins else None
+
+
+def _final(records: list[dict[str, Any]], family: str) -> tuple[list[dict[str, Any]], Runs] | None:
+    """The runs of one family's final rows and its AdamW runs by ``(seed, device)``; ``None`` before ``eps*`` is
+    known."""
     records = [r for r in records if r["task"] == family]
     eps = chosen_eps(records)
     if eps is None:
         return None
     rows = _final_rows(records, eps)
+    return rows, {(r["seed"], _device(r)): r for r in rows if r["method"] == "adamw"}
+
+
+def _delta(run: dict[str, Any]) -> float:
+    return _at(run["test"], 1.0)["delta_loss"]
+
+
+def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
+    """The final rows of one family (mean ± std over runs) and their differences to AdamW, for the clean test metric
+    and the test loss increase at eps 1: paired, per run against the AdamW run of the same seed on the same device (the
+    same initial weights and batch order, the same arithmetic; mean ± 95% t half-width, and the signs of the
+    differences); where a seed ran on two devices, the metric also against the AdamW run of the seed on the other
+    device; and unpaired, against every AdamW run (difference of the means ± 95% Welch half-width, Welch's p)."""
+    final = _final(records, family)
+    if final is None:
+        return None
+    rows, adamw = final
     metric, grid = _metric(rows[0]), [c["eps"] for c in rows[0]["test"]["corrupted"]]
     short = SHORT[metric]
-    adamw = {(r["seed"], _device(r)): r["test"] for r in rows if r["method"] == "adamw"}
+    two_devices = len({device for _, device in adamw}) > 1
     lines = [
         f"| method | runs | best step | test {short} | "
         + " | ".join(f"{short}, eps {e:g}" for e in grid)
-        + " | ΔL, eps 1 | "
-        + f"{short} - AdamW (paired, 95% CI) | ΔL eps 1 - AdamW (paired, 95% CI) |",
-        "|---|---|---|---|" + "---|" * len(grid) + "---|---|---|",
+        + f" | ΔL, eps 1 | {short} - AdamW (paired, 95% CI, signs)"
+        + (f" | {short} - AdamW of the seed on the other device (paired)" if two_devices else "")
+        + f" | {short} - AdamW (unpaired, Welch 95% CI) | ΔL eps 1 - AdamW (paired, 95% CI, signs) "
+        + "| ΔL eps 1 - AdamW (unpaired, Welch 95% CI) |",
+        "|---|---|---|---|" + "---|" * (len(grid) + 5 + two_devices),
     ]
     for method in FINAL_METHODS:
         runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         if not runs:
             continue
-        keys = [] if method == "adamw" else [(r, (r["seed"], _device(r))) for r in runs]
-        paired = [(r, adamw[key]) for r, key in keys if key in adamw]
+
+        def paired(value: Callable[[dict[str, Any]], float], same_device: bool, digits: int) -> str:
+            twins = [] if method == "adamw" else [(r, _twin(r, adamw, same_device)) for r in runs]
+            return _paired([value(r) - value(twin) for r, twin in twins if twin is not None], digits)
+
+        def unpaired(value: Callable[[dict[str, Any]], float], digits: int) -> str:
+            if method == "adamw":
+                return "-"
+            return _welch([value(r) for r in runs], [value(r) for r in adamw.values()], digits)
+
+        def clean(run: dict[str, Any]) -> float:
+            return run["test"][metric]
+
         cells = [
             _label(runs[0]),
             str(len(runs)),
             _mean_std([r["best_step"] for r in runs], 0),
-            _mean_std([r["test"][metric] for r in runs]),
+            _mean_std([clean(r) for r in runs]),
             *(_mean_std([_at(r["test"], e)[metric] for r in runs]) for e in grid),
-            _mean_std([_at(r["test"], 1.0)["delta_loss"] for r in runs], 4),
-            _paired([r["test"][metric] - base[metric] for r, base in paired], 2),
-            _paired([_at(r["test"], 1.0)["delta_loss"] - _at(base, 1.0)["delta_loss"] for r, base in paired], 3),
+            _mean_std([_delta(r) for r in runs], 4),
+            paired(clean, True, 2),
+            *([paired(clean, False, 2)] if two_devices else []),
+            unpaired(clean, 2),
+            paired(_delta, True, 3),
+            unpaired(_delta, 3),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def converged_runs(records: list[dict[str, Any]], family: str) -> str | None:
+    """Every run of the final rows: where it trained, its held-out loss and test results, and its differences to the
+    AdamW run of its seed on its device (the pairs of the final table) and, where the seed also ran on another device,
+    to that one."""
+    final = _final(records, family)
+    if final is None:
+        return None
+    rows, adamw = final
+    short = SHORT[_metric(rows[0])]
+    two_devices = len({device for _, device in adamw}) > 1
+    lines = [
+        f"| method | seed | device | best step | held-out loss | test {short} | ΔL, eps 1 "
+        + f"| {short} - AdamW (same seed, same device) | ΔL eps 1 - AdamW (same seed, same device)"
+        + (f" | {short} - AdamW (same seed, other device)" if two_devices else "")
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * two_devices,
+    ]
+    for r in sorted(rows, key=lambda r: (FINAL_METHODS.index(r["method"]), r["seed"], _device(r) != "cpu")):
+        same, other = (None, None) if r["method"] == "adamw" else (_twin(r, adamw, True), _twin(r, adamw, False))
+        metric = _metric(r)
+        cells = [
+            r["method"],
+            str(r["seed"]),
+            _device(r),
+            str(r["best_step"]),
+            f"{r['validation']['loss']:.4f}",
+            f"{r['test'][metric]:.2f}",
+            f"{_delta(r):.3f}",
+            "-" if same is None else f"{r['test'][metric] - same['test'][metric]:+.2f}",
+            "-" if same is None else f"{_delta(r) - _delta(same):+.3f}",
+        ]
+        if two_devices:
+            cells.append("-" if other is None else f"{r['test'][metric] - other['test'][metric]:+.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -307,7 +408,37 @@ def converged_fragile(records: list[dict[str, Any]], family: str) -> str | None:
         for row in first
     ]
     title = f"{family}, AdamW at convergence (held-out ΔL, mean of {len(runs)} run{'s' * (len(runs) > 1)})"
-    return "\n".join([*_paper_lines(mean, "type", title), "", *_paper_lines(mean, "layer", title)])
+    return "\n".join(
+        [*_paper_lines(mean, "type", title), "", *_norm_per_run(runs, family), "", *_paper_lines(mean, "layer", title)]
+    )
+
+
+def _norm_per_run(runs: list[dict[str, Any]], family: str) -> list[str]:
+    """Where ``norm`` ranks among the types in each run at each eps (the paper's protocol), with its ΔL against the
+    most fragile other type's, and in how many runs it is the most fragile."""
+    at = {(r["seed"], _device(r)): _eps_rows(r["fragility"], "type", "paper") for r in runs}
+    grid = list(next(iter(at.values())))
+    first = dict.fromkeys(grid, 0)
+    lines = [
+        f"**{family}, rank of norm among the types in each run** (1 = most fragile; in brackets norm's held-out ΔL "
+        "against the most fragile other type's)",
+        "",
+        "| run | " + " | ".join(f"eps {e:g}" for e in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
+    for (seed, device), by_eps in sorted(at.items(), key=lambda item: (item[0][0], item[0][1] != "cpu")):
+        cells = []
+        for eps, ranked in by_eps.items():
+            norm = next(r for r in ranked if r["group"] == "norm")
+            other = next(r for r in ranked if r["group"] != "norm")
+            rank = _rank(ranked, "norm").split()[0]
+            first[eps] += rank == "1"
+            cells.append(f"{rank} ({_g(norm['delta_loss'])} vs {other['group']} {_g(other['delta_loss'])})")
+        lines.append(f"| seed {seed}, {device} | " + " | ".join(cells) + " |")
+    total = f"{sum(first.values())} of {len(at) * len(grid)} cells"
+    counts = " | ".join(f"{k} of {len(at)} runs" for k in first.values())
+    lines.append(f"| norm most fragile ({total}) | {counts} |")
+    return lines
 
 
 CONVERGED = ("lstm", "gpt2", "marian")
@@ -322,6 +453,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict[str, Any]]], str | None]]] = {
     "fragile-layer-l2": ("where_fragile", lambda rs: fragile_l2(rs, "layer")),
     **{f"converged-{f}-sweep": ("converged", lambda rs, f=f: converged_sweep(rs, f)) for f in CONVERGED},
     **{f"converged-{f}": ("converged", lambda rs, f=f: converged_final(rs, f)) for f in CONVERGED},
+    **{f"converged-{f}-runs": ("converged", lambda rs, f=f: converged_runs(rs, f)) for f in CONVERGED},
     **{f"converged-{f}-fragile": ("converged", lambda rs, f=f: converged_fragile(rs, f)) for f in CONVERGED},
 }
 

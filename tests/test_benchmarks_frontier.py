@@ -74,7 +74,7 @@ def test_summary_lists_every_method_and_a_verdict_per_peer(quick):
     section = frontier.main(["--quick", "--results", str(root / "results"), "--summarize"])
     for name, part in zip(["lm", "de_en"], section.split("### ")[1:]):
         assert part.startswith(f"{name}: ")
-        rows = [line for line in part.splitlines() if line.startswith("| `")]
+        rows = [line for line in part.split("Per peer")[0].splitlines() if line.startswith("| `")]
         assert sorted(line.split("`")[1] for line in rows) == sorted(by_task[name])
         verdicts = [line for line in part.splitlines() if line.startswith("- `")]
         assert sorted(line.split("`")[1] for line in verdicts) == ["gsam", "looksam", "sam_tuned", "wsam"]
@@ -104,6 +104,24 @@ def test_dominance_needs_compute_clean_loss_and_robustness_all_no_worse():
     assert frontier.verdicts(found, "eps 1") == [
         "- `sam`: **not dominated**; the closest affordable ACR, `acr`, loses on eps 1 increase 0.550 vs 0.500."
     ]
+
+
+def test_dominance_counts_the_peers_with_and_without_the_margin_and_resolves_each_pair():
+    peer = frontier.Point("sam", "SAM", 3, 2.0, 1.0, 3.0, 0.0, {"eps 1": (0.5, 0)}, {})
+    peer.by_seed = {"loss": {0: 2.9, 1: 3.0, 2: 3.1}, "eps 1": {0: 0.4, 1: 0.5, 2: 0.6}}
+    tie = point("acr", 2.0, 3.0, 0.5)  # no worse only through the margin: the seeds disagree
+    tie.by_seed = {"loss": {0: 2.92, 1: 3.0, 2: 3.09}, "eps 1": {0: 0.4, 1: 0.5, 2: 0.6}}
+    lines = frontier.dominance([tie, peer], "eps 1")
+    assert lines[0].startswith("ACR settings dominate 1 of the 1 peer settings, 0 without the 0.5 % tie margin.")
+    assert lines[0].endswith("0 of the 1 pairs on both axes.")
+    assert lines[-1] == "| `sam` | `acr` | +0.003 ± 0.038 | +0.000 ± 0.000 | no | ΔL eps 1 |"
+    same = point("acr_a1", 2.0, 3.0, 0.5)
+    same.by_seed = {key: dict(values) for key, values in peer.by_seed.items()}  # the same runs: resolved on both
+    lines = frontier.dominance([same, peer], "eps 1")
+    assert lines[0].endswith("1 of the 1 pairs on both axes.") and lines[-1].endswith("| yes | both |")
+    assert frontier.dominance([point("acr", 2.0, 3.2, 0.4), peer], "eps 1")[0].startswith(
+        "ACR settings dominate 0 of the 1 peer settings, 0 without"
+    )
 
 
 def test_fill_replaces_only_the_marked_section():
