@@ -29,18 +29,20 @@ non-finite step: train against flips in ``int8`` storage or of ``mantissa`` bits
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from .faults import Fault, cast_step, parse_fault, quantization_step
+from .faults import Fault, cast_step, parse_fault, quantization_blocks, quantization_scale
 
 __all__ = ["FAULT_MODES", "FaultSet", "fault_set"]
 
 FAULT_MODES = ("worst", "actual", "random")
 _BOXES = ("quantize", "cast")
+_CHUNK = 1 << 18  # entries of a box corrupted at a time: the direction's scratch stays in cache
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class FaultSet:
     fault: Fault
     mode: str
     radius: float
+
+    @property
+    def is_box(self) -> bool:
+        """Whether ``a`` is drawn from a box (quantization or cast, ``worst``/``random``), of closed form."""
+        return self.fault.kind in _BOXES and self.mode != "actual"
 
     def check(self, params: list[Tensor], where: str) -> None:
         """Refuse parameters the fault cannot apply to (a group size that does not divide a row), naming them."""
@@ -65,23 +72,62 @@ class FaultSet:
                     "row, or :channel"
                 )
 
-    def corrupted(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """``w + a`` for each of ``params`` (all targeted by the fault), new tensors; ``grads`` is the clean gradient."""
-        kind = self.fault.kind
-        if kind in _BOXES and self.mode != "actual":
-            if kind == "quantize":
-                settings = self.fault.settings
-                steps = [quantization_step(w, settings["bits"], settings["granularity"]) for w in params]
-            else:
-                steps = [cast_step(w, self.fault.settings["dtype"]) for w in params]
-            if self.mode == "worst":
-                signs = [g.sign().to(w.dtype) for w, g in zip(params, grads)]
-            else:
-                signs = [torch.randint(0, 2, w.shape, device=w.device).to(w.dtype).mul_(2).sub_(1) for w in params]
-            return [torch.addcmul(w, s, sign, value=self.radius / 2) for w, s, sign in zip(params, steps, signs)]
-        if kind == "flips" and self.mode == "worst":
-            return _worst_of(self.fault).values(params, grads)
-        return self.fault.values(params, grads if self.fault.uses_grads else None)
+    def apply_(self, params: list[Tensor], grads: list[Tensor]) -> tuple[float, float]:
+        """``w <- w + a`` in place for each of ``params`` (all targeted by the fault); returns ``(a.g, ||a||_2)``.
+
+        ``grads`` is the clean gradient.  Boxes are written as ``w + a`` rounded once (the worst
+        case needs no exact vertex); faults are written as the values the fault produces.
+        """
+        if self.is_box:
+            gain, square = 0.0, 0.0
+            for w, g in zip(params, grads):
+                target = w if w.is_contiguous() else w.contiguous()
+                scratch = torch.empty(2, min(_CHUNK, w.numel()), dtype=w.dtype, device=w.device)
+                for part, g_part, half in self._box_chunks(target, g.reshape(target.shape), scratch[1]):
+                    a = scratch[0, : part.numel()].view(part.shape)  # cache-sized and reused: no allocation per pass
+                    if self.mode == "worst":
+                        torch.sign(g_part, out=a)
+                    else:
+                        a.random_(0, 2).mul_(2).sub_(1)
+                    a.mul_(half)
+                    flat_a, flat_g = a.reshape(-1), g_part.reshape(-1)
+                    if flat_a.dtype not in (torch.float32, torch.float64):  # the dot in float32 at least
+                        flat_a, flat_g = flat_a.float(), flat_g.float()
+                    gain += float(torch.dot(flat_a, flat_g))
+                    square += float(torch.dot(flat_a, flat_a))
+                    part.add_(a)
+                if target is not w:
+                    w.copy_(target)
+            return gain, math.sqrt(square)
+        if self.fault.kind == "flips" and self.mode == "worst":
+            values = _worst_of(self.fault).values(params, grads)
+        else:
+            values = self.fault.values(params, grads if self.fault.uses_grads else None)
+        gains, norms = [], []
+        for v, w, g in zip(values, params, grads):
+            moved = v - w
+            gains.append((moved * g).sum(dtype=torch.float64))
+            norms.append(torch.linalg.vector_norm(moved, dtype=torch.float64))
+        torch._foreach_copy_(params, values)
+        return torch.stack(gains).sum().item(), torch.stack(norms).norm().item()
+
+    def _box_chunks(self, w: Tensor, g: Tensor, scratch: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Views of ``w`` and ``g`` of about ``_CHUNK`` entries, each with its half-sides ``r s/2`` (broadcastable;
+        for a cast, written into ``scratch``)."""
+        settings = self.fault.settings
+        if self.fault.kind == "quantize":
+            blocks = quantization_blocks(w, settings["granularity"])  # a view: w is contiguous
+            g_blocks = g.reshape(blocks.shape)
+            half = quantization_scale(blocks, settings["bits"]).to(w.dtype).mul_(self.radius / 2)
+            rows = max(1, _CHUNK // (blocks.shape[1] * blocks.shape[2]))
+            for i in range(0, blocks.shape[0], rows):
+                yield blocks[i : i + rows], g_blocks[i : i + rows], half[i : i + rows]
+            return
+        flat, g_flat = w.view(-1), g.reshape(-1)
+        for i in range(0, flat.numel(), _CHUNK):
+            part = flat[i : i + _CHUNK]
+            half = cast_step(part, settings["dtype"], out=scratch[: part.numel()]).mul_(self.radius / 2)
+            yield part, g_flat[i : i + _CHUNK], half
 
 
 @lru_cache(maxsize=64)

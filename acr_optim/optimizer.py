@@ -417,16 +417,11 @@ class ACR(Optimizer):
         for faults, params in fault_vectors.items():
             params = [p for p in params if faults.fault.targets(p)]
             grads = [p.grad for p in params]
-            if not params or not all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads)):
-                self._nonfinite |= bool(params)
-                continue
-            values = faults.corrupted([p.detach() for p in params], grads)
-            gains, norms = [], []
-            for v, w, g in zip(values, params, grads):
-                moved = v - w
-                gains.append((moved * g).sum(dtype=torch.float64))
-                norms.append(torch.linalg.vector_norm(moved, dtype=torch.float64))
-            faulty.append((params, values, torch.stack(gains).sum().item(), torch.stack(norms).norm().item()))
+            # a box's gain a.g is finite exactly when g is (checked after applying it: one pass fewer)
+            if params and not faults.is_box and not all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads)):
+                self._nonfinite = True
+            elif params:
+                faulty.append((faults, params, grads))
         if self._nonfinite:
             return False
         if not plans and not faulty:
@@ -446,18 +441,27 @@ class ACR(Optimizer):
                     old = p.reshape(-1)[i]
                     _put_(p, i, old + v)
                     pending.sparse.append((p, i, old))
-        for params, values, _, _ in faulty:  # the faulty values themselves, bit for bit
-            backups = [self._backup(p, p) for p in params]
-            torch._foreach_copy_(backups, params)
-            torch._foreach_copy_(params, values)
-            pending.dense_params += params
-            pending.dense_backups += backups
+        fault_stats = []
+        self._pending = pending
+        try:
+            for faults, params, grads in faulty:
+                backups = [self._backup(p, p) for p in params]
+                torch._foreach_copy_(backups, params)
+                pending.dense_params += params
+                pending.dense_backups += backups
+                fault_stats.append(faults.apply_([p.detach() for p in params], grads))
+        except BaseException:
+            self.restore()  # no weight stays corrupted by a fault that failed half-way
+            raise
+        if not all(math.isfinite(gain) for gain, _ in fault_stats):
+            self.restore()
+            self._nonfinite = True
+            return False
         self._stash_clean_grads(pending)
         pending.buffers = BufferSnapshot()
-        self._pending = pending
-        self.last_first_order_gain = sum(plan.gain for *_, plan in plans) + sum(gain for *_, gain, _ in faulty)
+        self.last_first_order_gain = sum(plan.gain for *_, plan in plans) + sum(gain for gain, _ in fault_stats)
         self.last_corruption_norm = _combined_norm(
-            [(plan.eps, plan.p) for *_, plan in plans] + [(norm, 2.0) for *_, norm in faulty]
+            [(plan.eps, plan.p) for *_, plan in plans] + [(norm, 2.0) for _, norm in fault_stats]
         )
         return True
 
@@ -520,7 +524,8 @@ class ACR(Optimizer):
             torch._foreach_copy_(pending.dense_params, pending.dense_backups)
         for p, index, old in pending.sparse:
             _put_(p, index, old)
-        pending.buffers.restore()
+        if pending.buffers is not None:
+            pending.buffers.restore()
         reset = False
         for alpha, params, grads in pending.grads:
             if alpha == 0:

@@ -13,6 +13,9 @@ Variants
   floor      zero_grad, two forward/backwards (the second accumulates), AdamW step: the physical
              floor of an exact two-pass method
   acr        ACR(AdamW).step(closure) for p in {2, inf}, alpha in {0.5, 1}, n in {None, 1% of k}
+  fault      ACR(AdamW, fault=SPEC, fault_mode=MODE), alpha 0.5, for the fault-shaped sets (int4:g32 and
+             bf16 boxes at their worst case, int8 actual = QAT, 10 worst int8 flips, 50 % pruning);
+             ``/lp`` compares each with the Lp step (p=2 a=0.5 n=all) timed in the same repetition
   peer       pytorch_optimizer.SAM(AdamW, rho=eps): closure() then step(closure)
   amortized  ACR(AdamW, interval=k): time of k consecutive steps / k
 
@@ -52,7 +55,9 @@ from acr_optim.corruption import top_n_indices
 try:
     from pytorch_optimizer import SAM
 except ImportError as exc:  # pragma: no cover - a benchmark-only dependency
-    raise SystemExit("pip install -r benchmarks/requirements.txt (pytorch-optimizer is needed for the SAM peer)") from exc
+    raise SystemExit(
+        "pip install -r benchmarks/requirements.txt (pytorch-optimizer is needed for the SAM peer)"
+    ) from exc
 
 
 # -- models and batches ---------------------------------------------------------------------------
@@ -71,7 +76,9 @@ def build_gpt2(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
         eos_token_id=0,
     )
     model = GPT2LMHeadModel(config).to(device)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     return model, lambda: model(input_ids=ids, labels=ids).loss
 
 
@@ -147,6 +154,11 @@ def make_variants(args, model, forward, eps: float) -> list[Variant]:
                 name = f"acr p={'inf' if p == math.inf else 2} a={alpha:g} n={'all' if n is None else '1%'}"
                 variants.append(Variant(name, _acr_step(opt, closure), optimizer=opt))
 
+    for spec, mode in FAULT_SETS:
+        opt = ACR(adamw(), alpha=0.5, fault=spec, fault_mode=mode)
+        _mark_base_step(opt.base_optimizer)
+        variants.append(Variant(f"acr fault={spec} {mode}", _acr_step(opt, closure), optimizer=opt))
+
     sam = SAM(params, torch.optim.AdamW, rho=eps, lr=1e-4)
     _mark_base_step(sam.base_optimizer)
 
@@ -169,6 +181,16 @@ def make_variants(args, model, forward, eps: float) -> list[Variant]:
 
         variants.append(Variant(f"amortized k={interval}", cycle, interval, optimizer=opt, kind="amortized"))
     return variants
+
+
+FAULT_SETS = [
+    ("int4:g32", "worst"),
+    ("bf16", "worst"),
+    ("int8", "actual"),
+    ("flips:10:int8", "worst"),
+    ("prune:0.5", "actual"),
+]
+LP_STEP = "acr p=2 a=0.5 n=all"
 
 
 def _mark_base_step(base: torch.optim.Optimizer) -> None:
@@ -333,6 +355,8 @@ def summarise(times, memory, param_bytes) -> dict:
             row["vs_floor"] = paired(name, "floor")
             if "peer SAM" in times:  # scaling.py times base, floor and one ACR only
                 row["vs_peer"] = paired(name, "peer SAM")
+            if "fault=" in name and LP_STEP in times:
+                row["vs_lp"] = paired(name, LP_STEP)
         if name in memory:
             row["held_x_params"] = memory[name]["held"] / param_bytes
             row["peak_x_params"] = memory[name]["peak"] / param_bytes
@@ -348,6 +372,10 @@ def check_targets(rows: dict, intervals: list[int], device: torch.device) -> lis
         ("acr/peer, p=2 a=1 n=all", "acr p=2 a=1 n=all", "vs_peer", 1.0),
     ]
     checks += [(f"held/params, {name}", name, "held_x_params", 1.0) for name in rows if name.startswith("acr")]
+    # a box (quantization, cast) costs a step-size pass and a sign pass where the ball costs a norm pass
+    checks += [
+        (f"fault/lp, {name}", name, "vs_lp", 1.1) for name in rows if "fault=int4" in name or "fault=bf16" in name
+    ]
     checks += [(f"amortized/base, k={k}", f"amortized k={k}", "vs_base", 1 + 1 / k + 0.05) for k in intervals]
     checks = [(target, rows[name][key], bound) for target, name, key, bound in checks if name in rows]
     return [{"target": name, "value": value, "bound": bound, "met": value <= bound} for name, value, bound in checks]
@@ -363,7 +391,7 @@ def print_table(rows: dict, header: str) -> None:
     from rich.table import Table
 
     table = Table(title=header)
-    for col in ("variant", "ms/step", "IQR ms", "/base", "/floor", "/peer", "held/params", "peak/params"):
+    for col in ("variant", "ms/step", "IQR ms", "/base", "/floor", "/peer", "/lp", "held/params", "peak/params"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     fmt = lambda row, key, spec: format(row[key], spec) if key in row else ""
     for name, row in rows.items():
@@ -374,6 +402,7 @@ def print_table(rows: dict, header: str) -> None:
             fmt(row, "vs_base", ".3f"),
             fmt(row, "vs_floor", ".3f"),
             fmt(row, "vs_peer", ".3f"),
+            fmt(row, "vs_lp", ".3f"),
             fmt(row, "held_x_params", ".3f"),
             fmt(row, "peak_x_params", ".3f"),
         )
@@ -435,7 +464,8 @@ def main(argv=None) -> dict:
     info = machine()
     variants = make_variants(args, model, forward, args.eps)
     if args.only:
-        variants = [v for v in variants if v.kind in ("base", "floor", "peer") or re.search(args.only, v.name)]
+        keep = ("base", "floor", "peer")
+        variants = [v for v in variants if v.kind in keep or v.name == LP_STEP or re.search(args.only, v.name)]
     times = time_variants(variants, params, saved, device, args.reps)
     memory = measure_memory(variants, params, saved, device)
     rows = summarise(times, memory, param_bytes)

@@ -48,6 +48,13 @@ def perturbed_weights(spec, mode="worst", radius=1.0, seed=0):
     return inside, clean, grads, gain
 
 
+def corrupt(spec, mode, w, g):
+    """``w + a`` for one tensor, the set's ``apply_`` on a copy."""
+    corrupted = w.clone()
+    fault_set(spec, mode, 1.0).apply_([corrupted], [g])
+    return corrupted
+
+
 def box_step(spec, w):
     fault = parse_fault(spec)
     if fault.kind == "quantize":
@@ -63,8 +70,7 @@ def box_step(spec, w):
 @settings(max_examples=60, deadline=None)
 def test_worst_box_corruption_is_the_best_vertex_and_inside_the_box(values, grads, spec):
     w, g = torch.tensor(values).view(2, 4), torch.tensor(grads).view(2, 4)
-    faults = fault_set(spec, "worst", 1.0)
-    a = faults.corrupted([w], [g])[0].double() - w.double()
+    a = corrupt(spec, "worst", w, g).double() - w.double()
     half = box_step(spec, w).double() / 2
     v = w.double() + a
     assert (a.abs() <= half + torch.finfo(w.dtype).eps * v.abs()).all()  # w + a rounds once, in w's dtype
@@ -134,7 +140,7 @@ def test_worst_flips_are_the_best_k_subset_of_single_flips():
         (i, bit): g[0, i].item() * (flipped(i, bit) - dequantized[0, i].item()) for i in range(5) for bit in range(8)
     }
     best = max(single[a] + single[b] for a, b in itertools.combinations(single, 2) if a[0] != b[0])
-    a = fault_set("flips:2:int8", "worst").corrupted([w], [g])[0] - dequantized
+    a = corrupt("flips:2:int8", "worst", w, g) - dequantized
     assert int((a != 0).sum()) == 2
     assert (a * g).sum().item() == pytest.approx(best, rel=1e-5)
 
@@ -241,3 +247,11 @@ def test_a_non_finite_clean_gradient_skips_the_step():
     with pytest.warns(RuntimeWarning, match="skipped optimizer step"):
         acr.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before)) and acr.skipped_steps == 1
+
+
+def test_a_non_contiguous_weight_is_corrupted_as_its_contiguous_copy():
+    gen = torch.Generator().manual_seed(0)
+    w, g = torch.randn(16, 8, generator=gen).t(), torch.randn(8, 16, generator=gen)
+    assert not w.is_contiguous()
+    for spec in ("int4:g8", "bf16"):
+        assert torch.equal(corrupt(spec, "worst", w, g), corrupt(spec, "worst", w.contiguous(), g))
