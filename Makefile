@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0 || $(BIN)/pip install --quiet torch
-	$(BIN)/pip install --quiet -e ".[hf,test,docs]"
+	$(BIN)/pip install --quiet -e ".[hf,test,docs,trl]"
 	touch $@
 
 # The launch settings spelled out (accelerate warns about each one it defaults) and -q: a failing run ends with

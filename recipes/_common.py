@@ -11,14 +11,22 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n, check_p
@@ -37,8 +45,10 @@ DEFAULT_FAULTS = ("int8", "int4:g32", "bf16", "fp8_e4m3", "flip:1e-6:int8", "pru
 
 
 @dataclass
-class RecipeArguments:
-    """Model, data, ACR and robustness-evaluation options shared by the recipes."""
+class ModelArguments:
+    """The model and its tokenizer, optionally with LoRA adapters: one section of the recipes' ``--help``."""
+
+    _argument_group_name: ClassVar[str] = "model (default: the recipe's tiny model, trained from scratch)"
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pretrained model (hub id or local path) to fine-tune."}
@@ -47,19 +57,41 @@ class RecipeArguments:
         default=None,
         metadata={
             "help": "Config (hub id, folder or config.json) of a model trained from scratch; "
-            "default: the recipe's tiny config. Ignored with --model_name_or_path."
+            "unset: the recipe's tiny config. Ignored with --model_name_or_path."
         },
     )
     tokenizer_name: str | None = field(
         default=None,
         metadata={
-            "help": "Pretrained tokenizer (default: the model's; with neither, one is trained on the "
-            "training texts and saved in output_dir)."
+            "help": "Pretrained tokenizer; unset: the model's, or without --model_name_or_path one trained on "
+            "the training texts and saved in output_dir."
         },
     )
     tokenizer_vocab_size: int = field(
-        default=2000, metadata={"help": "Vocabulary size of a locally trained tokenizer."}
+        default=2000, metadata={"help": "Vocabulary size of a locally trained tokenizer (>= 100)."}
     )
+    lora_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train LoRA adapters of this rank (>= 1; needs peft and --model_name_or_path), not every weight; "
+            "ACR corrupts the adapters."
+        },
+    )
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA scale numerator (> 0): the update is lora_alpha / r * B A."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the LoRA branch, in [0, 1)."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Names of the modules to adapt; unset: peft's for the architecture."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how much of it is used: one section of the recipes' ``--help``."""
+
+    _argument_group_name: ClassVar[str] = "data (default: the recipe's own, see its docstring)"
+
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. wmt/wmt16."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. de-en."})
     train_file: str | None = field(default=None, metadata={"help": "Training data (see the recipe's docstring)."})
@@ -69,40 +101,73 @@ class RecipeArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N test examples."})
     validation_split_percentage: int = field(
-        default=5, metadata={"help": "Percentage of the training rows held out when there is no validation set."}
+        default=5,
+        metadata={"help": "Percentage of the training rows held out when there is no validation set, in [1, 50]."},
     )
-    acr_eps: float = field(default=0.05, metadata={"help": "ACR corruption norm eps (> 0)."})
-    acr_p: float = field(default=2.0, metadata={"help": "ACR corruption L_p norm, 1 <= p <= inf."})
-    acr_alpha: float = field(default=0.5, metadata={"help": "ACR weight of the corrupted loss, 0 <= alpha <= 1."})
-    acr_n: int | None = field(default=None, metadata={"help": "ACR L0 limit: corrupt at most n parameters."})
-    no_acr: bool = field(default=False, metadata={"help": "Baseline: the Trainer's own optimizer, no ACR."})
-    lora_r: int | None = field(
+
+
+@dataclass
+class ACRArguments:
+    """The ACR optimizer the recipes train with (around AdamW): one section of the recipes' ``--help``."""
+
+    _argument_group_name: ClassVar[str] = (
+        "ACR (training minimises (1 - alpha) L(w) + alpha L(w + a), a the worst corruption with ||a||_p = eps)"
+    )
+
+    acr_eps: float = field(
+        default=0.05,
+        metadata={"help": "Corruption size eps >= 0; 0 corrupts nothing: the AdamW step, bit for bit."},
+    )
+    acr_p: float = field(default=2.0, metadata={"help": "L_p norm of the corruption, 1 <= p <= inf."})
+    acr_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the corrupted loss, 0 <= alpha <= 1 (0: the AdamW step; 1 with p = 2: SAM)."},
+    )
+    acr_n: int | None = field(
         default=None,
-        metadata={"help": "Train LoRA adapters of this rank (peft), not every weight; ACR corrupts the adapters."},
+        metadata={"help": "L0 limit: corrupt at most n >= 1 parameters, those of largest gradient; unset: all."},
     )
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator: the update is lora_alpha / r * B A."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the LoRA branch."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Names of the modules to adapt (default: peft's for the architecture)."}
+    no_acr: bool = field(default=False, metadata={"help": "Train the baseline: the Trainer's own AdamW, no ACR."})
+
+
+@dataclass
+class CorruptionEvalArguments:
+    """How the final model is evaluated under corruption and faults: one section of the recipes' ``--help``."""
+
+    _argument_group_name: ClassVar[str] = (
+        "robustness evaluation of the final model (validation set): gradient-based corruption and real-world faults"
     )
+
     corruption_eval_eps: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
-        metadata={"help": "eps values of the gradient-based corruption the final model is evaluated under."},
+        metadata={"help": "Sizes eps > 0 of the gradient-based worst-case corruption (paper Eq. 10) to evaluate at."},
     )
-    corruption_eval_p: float = field(default=2.0, metadata={"help": "L_p norm of the evaluation corruption."})
-    corruption_eval_n: int | None = field(default=None, metadata={"help": "L0 limit of the evaluation corruption."})
+    corruption_eval_p: float = field(
+        default=2.0, metadata={"help": "L_p norm of the evaluation corruption, 1 <= p <= inf."}
+    )
+    corruption_eval_n: int | None = field(
+        default=None, metadata={"help": "L0 limit of the evaluation corruption, n >= 1; unset: all parameters."}
+    )
     corruption_eval_faults: list[str] | None = field(
         default=None,
         metadata={
             "help": "Real-world faults the final model is evaluated under (acr_optim.faults specs: int8, int4:g32, "
-            "bf16, fp8_e4m3, flip:1e-6, flips:10:int8, flip-worst:10, prune:0.5, ...); 'none' for none. Default: "
+            "bf16, fp8_e4m3, flip:1e-6, flips:10:int8, flip-worst:10, prune:0.5, ...); 'none' for none. Unset: "
             f"{' '.join(DEFAULT_FAULTS)}; none with --lora_r (faults act on the merged weights: probe the saved "
             "adapter with acr-probe --faults)."
         },
     )
 
+
+@dataclass
+class RecipeArguments(ModelArguments, DataArguments, ACRArguments, CorruptionEvalArguments):
+    """Model, data, ACR and robustness-evaluation options shared by the recipes, checked together.
+
+    Each base class is one titled section of ``--help`` (see :func:`parse_arguments`); a recipe adds
+    its own section the same way, as a further base class."""
+
     def __post_init__(self) -> None:
-        check_eps(self.acr_eps, name="--acr_eps")
+        check_eps(self.acr_eps, allow_zero=True, name="--acr_eps")
         check_p(self.acr_p, name="--acr_p")
         check_alpha(self.acr_alpha, name="--acr_alpha")
         check_n(self.acr_n, name="--acr_n")
@@ -192,11 +257,32 @@ def describe_split(args: RecipeArguments, split: str) -> str:
     return spec if spec.startswith("the ") else f"--{split}_file {spec}"
 
 
-def parse_arguments(parser: HfArgumentParser, defaults: list[str], argv: list[str] | None) -> tuple[Any, ...]:
-    """The recipe's dataclasses from ``defaults`` + ``argv`` (default: the command line); a value the dataclasses
-    refuse (``ValueError`` from their checks) becomes a :class:`~acr_optim.errors.UsageError`."""
+Recipe = TypeVar("Recipe", bound=RecipeArguments)
+Training = TypeVar("Training")
+
+
+def parse_arguments(
+    recipe: type[Recipe],
+    training: type[Training],
+    defaults: dict[str, Any],
+    argv: list[str] | None,
+    description: str,
+) -> tuple[Recipe, Training]:
+    """``(recipe(...), training(...))`` from ``argv`` (default: the command line).
+
+    ``defaults`` (``{option: value}``) replace the dataclasses' own defaults, in ``--help`` too.
+    ``--help`` has a titled section for each base class of ``recipe`` that names one
+    (``_argument_group_name``); ``training``'s options (transformers' ``TrainingArguments``) are
+    under ``options``.  A value the dataclasses refuse (``ValueError`` from their checks) becomes a
+    :class:`~acr_optim.errors.UsageError`.
+    """
+    sections = [base for base in recipe.__mro__ if "_argument_group_name" in vars(base)]
+    layout = f"Options: {training.__name__} (with the recipe's defaults), then the recipe's own, by section."
+    parser = HfArgumentParser([*sections, training], description=f"{description} {layout}")
+    parser.set_defaults(**defaults)
     try:
-        return parser.parse_args_into_dataclasses(defaults + (sys.argv[1:] if argv is None else argv))
+        *parts, training_args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+        return recipe(**{name: value for part in parts for name, value in vars(part).items()}), training_args
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -236,11 +322,17 @@ def load_splits(
             raise UsageError("the training data has fewer than 2 rows: too few to hold a validation split out")
         held_out = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
         raw["train"], raw["validation"] = held_out["train"], held_out["test"]
+    return cut_to_limits(raw, args)
+
+
+def cut_to_limits(splits: dict[str, Any], args: RecipeArguments) -> dict[str, Any]:
+    """Each of ``splits`` (``datasets.Dataset``s, or anything with ``len`` and ``select(indices)``) cut to its first
+    ``--max_train_samples``/``--max_eval_samples``/``--max_predict_samples`` rows, in place; returns ``splits``."""
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_predict_samples}
     for split, limit in limits.items():
-        if split in raw and limit is not None:
-            raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
-    return raw
+        if split in splits and limit is not None:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    return splits
 
 
 # -- tokenizers ----------------------------------------------------------------------------------
@@ -341,6 +433,13 @@ def evaluation_batches(dataset: Dataset, batch_size: int, collate_fn: Callable, 
     return [
         {k: v.to(device) for k, v in batch.items()} for batch in DataLoader(dataset, batch_size, collate_fn=collate_fn)
     ]
+
+
+def quiet_evaluations(trainer: Trainer) -> None:
+    """Stop the Trainer's progress bars and printed logs, for the evaluations after training: the robustness sweep
+    prints one line per evaluation instead, and the recipe's summary the results (all of them go to the JSON files)."""
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
 
 
 def trainer_evaluation(trainer: Trainer, dataset: Dataset) -> Callable[[], dict[str, float]]:
@@ -483,7 +582,7 @@ def write_card(
     task_type: str,
     metric_type: str,
     metric_name: str,
-    language: str | list[str],
+    language: str | list[str] | None,
     usage: str,
     test_result: float | None = None,
 ) -> None:

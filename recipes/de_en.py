@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,7 +39,6 @@ from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
-    HfArgumentParser,
     MarianConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -60,6 +60,7 @@ from _common import (
     load_splits,
     local_tokenizer,
     parse_arguments,
+    quiet_evaluations,
     robustness_block,
     robustness_rows,
     summary,
@@ -74,24 +75,22 @@ from acr_optim.errors import exit_on_usage_error
 from acr_optim.integrations.evaluate import corpus_bleu
 from acr_optim.integrations.models import load_model, load_tokenizer
 
-# The recipe's defaults, put before the command line so any of them can be overridden there.
-# fmt: off
-DEFAULTS = [
-    "--output_dir", "outputs/de_en",
-    "--num_train_epochs", "25",
-    "--learning_rate", "2e-3",
-    "--warmup_steps", "100",
-    "--per_device_train_batch_size", "32",
-    "--per_device_eval_batch_size", "64",
-    "--predict_with_generate", "true",
-    "--generation_max_length", "64",
-    "--generation_num_beams", "4",
-    "--logging_steps", "50",
-    "--save_strategy", "no",
-    "--report_to", "none",
-    *([] if torch.cuda.is_available() else ["--dataloader_pin_memory", "false"]),  # nothing to pin for on a CPU
-]
-# fmt: on
+# The recipe's defaults for transformers' options, in place of the Trainer's (--help shows them); any can be overridden.
+DEFAULTS = {
+    "output_dir": "outputs/de_en",
+    "num_train_epochs": 25.0,
+    "learning_rate": 2e-3,
+    "warmup_steps": 100,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "predict_with_generate": True,
+    "generation_max_length": 64,
+    "generation_num_beams": 4,
+    "logging_steps": 50,
+    "save_strategy": "no",
+    "report_to": "none",
+    **({} if torch.cuda.is_available() else {"dataloader_pin_memory": False}),  # nothing to pin for on a CPU
+}
 
 # How to load and run the trained model, for its model card ({path}: its folder; {example}: a source sentence).
 USAGE = """from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -145,16 +144,26 @@ def seq2seq_from_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizer
 
 
 @dataclass
-class TranslationArguments(RecipeArguments):
+class TranslationDataArguments:
+    """The translation direction and the length limits: the recipe's own section of ``--help``."""
+
+    _argument_group_name: ClassVar[str] = "translation"
+
     source_lang: str = field(default="de", metadata={"help": "Source language code (file suffix, dict key)."})
     target_lang: str = field(default="en", metadata={"help": "Target language code."})
     max_source_length: int = field(default=128, metadata={"help": "Truncate sources to this many tokens."})
     max_target_length: int = field(default=128, metadata={"help": "Truncate targets to this many tokens."})
 
 
+@dataclass
+class TranslationArguments(RecipeArguments, TranslationDataArguments):
+    """Every option of the recipe's own (``Seq2SeqTrainingArguments`` aside), checked together."""
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((TranslationArguments, Seq2SeqTrainingArguments))
-    args, training_args = parse_arguments(parser, DEFAULTS, argv)
+    args, training_args = parse_arguments(
+        TranslationArguments, Seq2SeqTrainingArguments, DEFAULTS, argv, description=__doc__.split("\n\n")[0]
+    )
     set_seed(training_args.seed)
     src, tgt = args.source_lang, args.target_lang
 
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
+    quiet_evaluations(trainer)
 
     # Evaluation: BLEU clean, under gradient-based corruption of the weights, and under real-world faults.
     batches = evaluation_batches(
@@ -235,8 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     evaluate = trainer_evaluation(trainer, data["validation"])
     metrics = evaluate_robustness(trainer.model, batches, evaluate, args, log=trainer.is_world_process_zero())
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)  # not printed: the summary below shows them as a table
     rows, faults = robustness_rows(metrics, "bleu", args), fault_rows(metrics, "bleu", args)
     trainer.save_metrics("robustness", {"robustness": robustness_block(rows, faults, "bleu", args)})
     if "test" in data:

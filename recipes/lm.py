@@ -27,7 +27,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import DatasetDict
@@ -35,7 +35,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
-    HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -58,6 +57,7 @@ from _common import (
     load_text_file,
     local_tokenizer,
     parse_arguments,
+    quiet_evaluations,
     robustness_block,
     robustness_rows,
     summary,
@@ -70,21 +70,19 @@ from _common import (
 from acr_optim.errors import UsageError, exit_on_usage_error
 from acr_optim.integrations.models import load_model, load_tokenizer
 
-# The recipe's defaults, put before the command line so any of them can be overridden there.
-# fmt: off
-DEFAULTS = [
-    "--output_dir", "outputs/lm",
-    "--num_train_epochs", "20",
-    "--learning_rate", "2e-3",
-    "--warmup_steps", "30",
-    "--per_device_train_batch_size", "16",
-    "--per_device_eval_batch_size", "32",
-    "--logging_steps", "50",
-    "--save_strategy", "no",
-    "--report_to", "none",
-    *([] if torch.cuda.is_available() else ["--dataloader_pin_memory", "false"]),  # nothing to pin for on a CPU
-]
-# fmt: on
+# The recipe's defaults for transformers' options, in place of the Trainer's (--help shows them); any can be overridden.
+DEFAULTS = {
+    "output_dir": "outputs/lm",
+    "num_train_epochs": 20.0,
+    "learning_rate": 2e-3,
+    "warmup_steps": 30,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "logging_steps": 50,
+    "save_strategy": "no",
+    "report_to": "none",
+    **({} if torch.cuda.is_available() else {"dataloader_pin_memory": False}),  # nothing to pin for on a CPU
+}
 
 # How to load and run the trained model, for its model card ({path}: its folder; {example}: a prompt).
 USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,10 +105,19 @@ def perplexity(loss: float) -> float:
 
 
 @dataclass
-class LMArguments(RecipeArguments):
+class LMDataArguments:
+    """How the text is cut into training sequences: the recipe's own section of ``--help``."""
+
+    _argument_group_name: ClassVar[str] = "language model"
+
     block_size: int = field(
         default=64, metadata={"help": "Training sequences: the text cut into blocks of this many tokens."}
     )
+
+
+@dataclass
+class LMArguments(RecipeArguments, LMDataArguments):
+    """Every option of the recipe's own (``TrainingArguments`` aside), checked together."""
 
 
 def load_text_splits(args: LMArguments, seed: int) -> DatasetDict:
@@ -193,8 +200,9 @@ def tokenize_into_blocks(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, a
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((LMArguments, TrainingArguments))
-    args, training_args = parse_arguments(parser, DEFAULTS, argv)
+    args, training_args = parse_arguments(
+        LMArguments, TrainingArguments, DEFAULTS, argv, description=__doc__.split("\n\n")[0]
+    )
     set_seed(training_args.seed)
 
     raw = load_text_splits(args, training_args.seed)
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
+    quiet_evaluations(trainer)
 
     # Evaluation: perplexity clean, under gradient-based corruption of the weights, and under real-world faults.
     batches = evaluation_batches(
@@ -235,8 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return metrics | {"perplexity": perplexity(metrics["loss"])}
 
     metrics = evaluate_robustness(trainer.model, batches, evaluate, args, log=trainer.is_world_process_zero())
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)  # not printed: the summary below shows them as a table
     rows, faults = robustness_rows(metrics, "perplexity", args), fault_rows(metrics, "perplexity", args)
     trainer.save_metrics("robustness", {"robustness": robustness_block(rows, faults, "perplexity", args)})
     if "test" in data and len(data["test"]):

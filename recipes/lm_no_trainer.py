@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser, default_data_collator, get_scheduler, set_seed
+from transformers import default_data_collator, get_scheduler, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
@@ -155,7 +155,7 @@ def corrupted_pass(
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    args, loop = parse_arguments(HfArgumentParser((LMArguments, LoopArguments)), [], argv)
+    args, loop = parse_arguments(LMArguments, LoopArguments, {}, argv, description=__doc__.split("\n\n")[0])
     output_dir = Path(loop.output_dir)
     accelerator = Accelerator(
         cpu=loop.use_cpu,

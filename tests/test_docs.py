@@ -19,6 +19,8 @@ NOT_RUN = "<!-- not run -->"
 # README_SETUP entries that define them (an HTML comment, invisible on the rendered page).
 SETUP = re.compile(r"<!-- setup: ([\w ]+) -->")
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+# Pages whose snippets need an optional extra (`trl`, which `make test` installs) are skipped without it.
+NEEDS = {"guides/trl.md": ("trl",)}
 
 
 def snippets(page: Path) -> list[tuple[int, list[str], str]]:
@@ -46,11 +48,14 @@ def test_the_guides_have_snippets():
         "guides/probe.md",
         "guides/faults.md",
         "guides/fault_training.md",
+        "guides/trl.md",
     }
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.relative_to(DOCS).as_posix() for page in PAGES])
 def test_page_snippets_run_in_order(page, tmp_path, monkeypatch):
+    for module in NEEDS.get(page.relative_to(DOCS).as_posix(), ()):
+        pytest.importorskip(module)
     monkeypatch.chdir(tmp_path)  # files the snippets write land here
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for line, setup, code in snippets(page):

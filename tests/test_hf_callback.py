@@ -1,7 +1,16 @@
 """ACRCallback inside the Hugging Face Trainer: equivalence with a hand-written ACR loop, gradient
-accumulation, clipping, exact alpha = 0 and resume, dropout masks, mixed precision, logs, errors."""
+accumulation, clipping, exact alpha = 0 and resume, dropout masks, mixed precision, logs, errors;
+subclasses that wrap training_step (as TRL's do) and what is refused, total_flos, FSDP/DeepSpeed."""
 
+import contextlib
+import inspect
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -329,7 +338,10 @@ def test_errors_are_clear(tmp_path, monkeypatch):
         get_cp_size=lambda: 1,
         get_sp_size=lambda: 1,
     )
-    with pytest.raises(NotImplementedError, match="does not support FSDP"):
+    with pytest.raises(NotImplementedError, match="does not support FSDP through the Trainer yet: it is not verified"):
+        hf._check_unsupported_parallelism(sharded)
+    sharded.is_fsdp_enabled, sharded.is_deepspeed_enabled = False, True
+    with pytest.raises(NotImplementedError, match="DeepSpeed: its engine steps the optimizer inside backward"):
         hf._check_unsupported_parallelism(sharded)
 
 
@@ -345,3 +357,133 @@ def test_changed_trainer_internals_fail_naming_them_and_the_version(tmp_path, mo
     with pytest.raises(RuntimeError, match="could not find its Trainer") as error:
         ACRCallback().on_train_begin(make_args(tmp_path), None, None)  # called from no Trainer
     assert version in str(error.value)
+
+
+class WrappingTrainer(Trainer):
+    """A subclass written as TRL writes its trainers: ``training_step`` wrapped, ``compute_loss`` keeping counts."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_seen = 0
+        self.losses_seen = []
+
+    def training_step(self, *args, **kwargs):
+        with contextlib.nullcontext():  # where TRL enters its activation-offload context
+            return super().training_step(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.batches_seen += 1
+        self.losses_seen.append(loss.item())
+        return loss
+
+
+def test_a_subclass_that_wraps_training_step_trains_as_the_trainer_and_counts_each_batch_once(tmp_path):
+    reference_model, model = make_model(), make_model()
+    optimizer = ACR(torch.optim.SGD(reference_model.parameters(), lr=0.5))
+    reference = train(tmp_path / "reference", reference_model, optimizer, ACRCallback())
+    trainer = WrappingTrainer(
+        model=model,
+        args=make_args(tmp_path / "subclass"),
+        train_dataset=make_dataset(),
+        optimizers=(ACR(torch.optim.SGD(model.parameters(), lr=0.5)), None),
+        callbacks=[ACRCallback()],
+    )
+    trainer.train()
+    for a, b in zip(weights(reference_model), weights(model), strict=True):
+        assert torch.equal(a, b)
+    assert trainer.batches_seen == len(trainer.losses_seen) == 6  # 3 steps of 2 micro-batches, the clean passes only
+    assert [log["acr/corrupted_loss"] for log in trainer.state.log_history[:-1]] == [
+        log["acr/corrupted_loss"] for log in reference.state.log_history[:-1]
+    ]
+
+
+def test_total_flos_counts_the_corrupted_pass(tmp_path):
+    plain = train(tmp_path / "plain", make_model(), max_steps=2)
+    acr = train(tmp_path / "acr", make_model(), callback=ACRCallback(eps=0.1, alpha=0.5), max_steps=2)
+    no_replay = train(tmp_path / "alpha0", make_model(), callback=ACRCallback(eps=0.1, alpha=0.0), max_steps=2)
+    assert acr.state.total_flos == 2 * plain.state.total_flos > 0
+    assert no_replay.state.total_flos == plain.state.total_flos
+
+
+class NarrowTrainer(Trainer):
+    def training_step(self, model, inputs):  # the pre-4.46 signature, in a subclass
+        return super().training_step(model, inputs)
+
+
+class GeneratingTrainer(Trainer):
+    def _prepare_inputs(self, inputs):  # where TRL's online trainers generate completions from the policy
+        return super()._prepare_inputs(inputs)
+
+
+def test_subclasses_the_replay_cannot_drive_are_refused_naming_them(tmp_path):
+    with pytest.raises(RuntimeError, match="ACRCallback cannot train with NarrowTrainer") as error:
+        NarrowTrainer(model=make_model(), args=make_args(tmp_path), callbacks=[ACRCallback(eps=0.1)])
+    expected = (
+        "test_hf_callback.NarrowTrainer overrides Trainer.training_step(model, inputs, num_items_in_batch) "
+        "as training_step(model, inputs)"
+    )
+    assert expected in str(error.value)
+    assert f"transformers {transformers.__version__}" not in str(error.value)  # not the version's fault
+    with pytest.raises(NotImplementedError, match="GeneratingTrainer overrides Trainer._prepare_inputs"):
+        GeneratingTrainer(model=make_model(), args=make_args(tmp_path), callbacks=[ACRCallback(eps=0.1)])
+
+
+def test_deepspeed_dropped_under_use_cpu_warns(recwarn):
+    """Under use_cpu accelerate runs --deepspeed as DDP (a stub trainer: the tests do not install deepspeed)."""
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(use_cpu=True, fsdp=[], deepspeed="ds_config.json", process_index=0),
+        is_fsdp_enabled=False,
+        is_deepspeed_enabled=False,
+    )
+    with pytest.warns(UserWarning, match="--deepspeed ignored under use_cpu: .* turned this run into plain DDP"):
+        hf._warn_if_sharding_was_dropped(trainer)
+    trainer.args.use_cpu = False  # a launch where DeepSpeed was enabled would have been refused before
+    hf._warn_if_sharding_was_dropped(trainer)
+    assert not [w for w in recwarn if "use_cpu" in str(w.message)]
+
+
+FSDP_ON_CPU = """
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+from test_hf_callback import ACRCallback, Trainer, make_args, make_dataset, make_model
+from pathlib import Path
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    trainer = Trainer(
+        model=make_model(), args=make_args(Path(sys.argv[2]), fsdp=True, max_steps=1),
+        train_dataset=make_dataset(), callbacks=[ACRCallback(eps=0.1)],
+    )
+trainer.train()
+print(json.dumps({"warnings": [str(w.message) for w in caught if "use_cpu" in str(w.message)],
+                  "fsdp": trainer.is_fsdp_enabled, "log": trainer.state.log_history[0]}))
+"""
+
+
+def test_fsdp_under_use_cpu_runs_as_ddp_with_one_warning(tmp_path):
+    """A distributed launch (one process) with --fsdp and use_cpu: accelerate runs DDP; the callback says so once."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    if "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
+        pytest.skip("transformers passes --fsdp on as fsdp_version, which this accelerate's FSDP plugin does not take")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-c", FSDP_ON_CPU, str(Path(__file__).parent), str(tmp_path)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["warnings"]) == 1
+    assert report["warnings"][0].startswith("--fsdp ignored under use_cpu: accelerate enables FSDP and DeepSpeed")
+    assert not report["fsdp"]
+    assert ACR_KEYS <= report["log"].keys()

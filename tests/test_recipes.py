@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("transformers")
 from huggingface_hub import ModelCard
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from acr_optim.data import load_parallel
 from acr_optim.errors import UsageError
@@ -76,6 +77,106 @@ def test_recipe_arguments_are_validated():
         lm.LMArguments(dataset_name="wikitext", train_file="x.txt")
 
 
+def _help(recipe, monkeypatch, capsys) -> dict[str, dict[str, str]]:
+    """``recipe.main(["--help"])`` as ``{section title: {option: its help text}}``, in the order printed."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps to $COLUMNS: one line an option's help
+    with pytest.raises(SystemExit) as caught:
+        recipe.main(["--help"])
+    assert caught.value.code == 0
+    sections, section, option = {}, None, None
+    for line in capsys.readouterr().out.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            section = sections.setdefault(line[:-1], {})
+        elif section is not None and line.startswith("  -"):
+            option = line.split()[0].rstrip(",")
+            section[option] = line.split("  ", 2)[-1].strip() if "  " in line.strip() else ""
+        elif section is not None and line.startswith("   "):
+            section[option] = f"{section[option]} {line.strip()}".strip()
+    return sections
+
+
+@pytest.mark.parametrize("recipe", [de_en, lm])
+def test_help_shows_the_defaults_the_recipe_applies(recipe, monkeypatch, capsys):
+    options = _help(recipe, monkeypatch, capsys)["options"]
+    for option, value in recipe.DEFAULTS.items():
+        assert options[f"--{option}"].endswith(f"(default: {value})")
+    assert recipe.DEFAULTS["learning_rate"] == 0.002 and options["--learning_rate"].endswith("(default: 0.002)")
+    # and those are the values the recipe runs with
+    args_type = de_en.TranslationArguments if recipe is de_en else lm.LMArguments
+    training_type = Seq2SeqTrainingArguments if recipe is de_en else TrainingArguments
+    args, training_args = _common.parse_arguments(args_type, training_type, recipe.DEFAULTS, [], "")
+    ran = {option: getattr(training_args, option) for option in recipe.DEFAULTS}
+    assert ran == recipe.DEFAULTS | {"report_to": []}  # TrainingArguments turns "none" into no integration
+    assert args == args_type()
+
+
+def test_help_gives_the_recipes_own_options_titled_sections(monkeypatch, capsys):
+    expected = {
+        "model (default: the recipe's tiny model, trained from scratch)": [
+            "--model_name_or_path", "--model_config", "--tokenizer_name", "--tokenizer_vocab_size",
+            "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules"],
+        "data (default: the recipe's own, see its docstring)": [
+            "--dataset_name", "--dataset_config_name", "--train_file", "--validation_file", "--test_file",
+            "--max_train_samples", "--max_eval_samples", "--max_predict_samples", "--validation_split_percentage"],
+        ("ACR (training minimises (1 - alpha) L(w) + alpha L(w + a), a the worst corruption with "
+         "||a||_p = eps)"): ["--acr_eps", "--acr_p", "--acr_alpha", "--acr_n", "--no_acr"],
+        ("robustness evaluation of the final model (validation set): gradient-based corruption and real-world "
+         "faults"): ["--corruption_eval_eps", "--corruption_eval_p", "--corruption_eval_n", "--corruption_eval_faults"],
+    }  # fmt: skip
+    own = {
+        de_en: {"translation": ["--source_lang", "--target_lang", "--max_source_length", "--max_target_length"]},
+        lm: {"language model": ["--block_size"]},
+    }
+    for recipe in (de_en, lm):
+        sections = _help(recipe, monkeypatch, capsys)
+        assert list(sections) == ["options", *expected, *own[recipe]]
+        assert {title: list(sections[title]) for title in [*expected, *own[recipe]]} == expected | own[recipe]
+        assert len(sections["options"]) > 100  # -h and transformers' (Seq2Seq)TrainingArguments
+        acr = sections[next(title for title in sections if title.startswith("ACR"))]
+        assert acr["--acr_eps"] == (
+            "Corruption size eps >= 0; 0 corrupts nothing: the AdamW step, bit for bit. (default: 0.05)"
+        )
+
+
+def test_acr_eps_0_is_accepted_and_corrupts_nothing(tmp_path):
+    import torch
+
+    args, training_args = _common.parse_arguments(
+        de_en.TranslationArguments, Seq2SeqTrainingArguments, {"output_dir": str(tmp_path)}, ["--acr_eps", "0"], ""
+    )
+    assert args.acr_eps == 0.0 and args.training_kind == "ACR (eps=0, p=2, alpha=0.5)"
+    model = torch.nn.Linear(3, 2)
+    (optimizer, _), _ = _common.acr_optimizer(model, args, training_args)
+    model(torch.randn(4, 3)).square().sum().backward()
+    assert optimizer.perturb() is False  # no corrupted pass: the AdamW step alone
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_evaluations_after_training_print_nothing(tmp_path, capsys, disable_tqdm):
+    """After :func:`_common.quiet_evaluations` the Trainer prints no bar and no metrics per evaluation
+    (the robustness sweep runs one per eps and fault): the recipe's own lines say what happens."""
+    import torch
+    from transformers import Trainer
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 1)
+
+        def forward(self, x, labels):
+            return {"loss": (self.linear(x).squeeze(-1) - labels).square().mean()}
+
+    rows = [{"x": torch.randn(3), "labels": torch.tensor(1.0)} for _ in range(8)]
+    args = TrainingArguments(str(tmp_path), report_to="none", disable_tqdm=disable_tqdm, use_cpu=True)
+    trainer = Trainer(model=Regression(), args=args, eval_dataset=rows)
+    trainer.evaluate()
+    out, err = capsys.readouterr()
+    assert ("{'eval_loss'" in out) if disable_tqdm else ("it/s]" in err)
+    _common.quiet_evaluations(trainer)
+    trainer.evaluate()
+    assert capsys.readouterr() == ("", "")
+
+
 def test_both_recipes_hold_out_validation_rows_when_no_validation_file_is_given(tmp_path):
     from functools import partial
 
@@ -113,6 +214,7 @@ def test_user_errors_in_the_recipes_name_the_flag_and_the_problem(tmp_path, monk
          "nowhere.en[.gz], a source file ending in .de[.gz], or a .json/.jsonl file")),
         (de_en, ["--model_name_or_path", "./my-model"], "--model_name_or_path ./my-model: no such file or folder"),
         (de_en, ["--acr_alpha", "2"], "--acr_alpha must satisfy 0 <= --acr_alpha <= 1, got 2.0"),
+        (de_en, ["--acr_eps", "-0.1"], "--acr_eps must be finite and >= 0, got -0.1"),
         (lm, ["--lora_r", "2", "--corruption_eval_faults", "int8"], ("--corruption_eval_faults with --lora_r: faults "
          "act on the merged weights, not on the adapters; probe the saved adapter instead (acr-probe --model "
          "OUTPUT_DIR --faults ...)")),
@@ -286,6 +388,9 @@ def test_de_en_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     assert names[-2:] == ["BLEU (int8 weights, per channel)", "BLEU (50% magnitude pruning)"]
     assert "acr" in card.data.tags and card.data.language == ["de", "en"]
     printed = capsys.readouterr().out
+    assert "***** eval metrics *****" not in printed  # the summary shows them; eval_results.json holds them all
+    assert json.loads((out / "robustness_results.json").read_text()) == {"robustness": results["robustness"]}
+    assert "robustness" not in json.loads((out / "eval_results.json").read_text())
     assert "Under gradient-based parameter corruption (L2 norm eps, all parameters)" in printed
     assert "eps = 2" in printed and "loss increase" in printed
     assert "Under real-world faults of the weights:" in printed and "50% magnitude pruning" in printed

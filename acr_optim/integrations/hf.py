@@ -1,4 +1,5 @@
-r"""ACR training with the Hugging Face ``Trainer`` (and ``Seq2SeqTrainer`` or any subclass).
+r"""ACR training with the Hugging Face ``Trainer`` and its subclasses (``Seq2SeqTrainer``, TRL's ``SFTTrainer``
+and ``DPOTrainer``, sentence-transformers' ``SentenceTransformerTrainer``, your own).
 
 Usage, with an :class:`~acr_optim.ACR` optimizer you build (one param group: the corruption
 constraint ``||a||_p = eps`` then covers the whole model)::
@@ -31,6 +32,21 @@ last micro-batch only) with the RNG restored so dropout draws the same masks, an
 ``optimizer.restore()`` leaves ``(1 - alpha) g + alpha g(w + a)`` in ``.grad``.  The Trainer then
 clips that mixed gradient and steps as usual; the RNG continues as if ACR were absent.
 
+Trainer subclasses.  The replay calls the trainer's own ``training_step``, so a subclass's
+``compute_loss`` (TRL's SFT and DPO losses, sentence-transformers' losses) defines the corrupted
+objective too.  A subclass may wrap ``training_step`` in a ``(*args, **kwargs)`` method that passes
+the call on (TRL's trainers do, to enter their activation-offload context); one that changes its
+signature, or that overrides ``_prepare_inputs`` to build its batches inside ``training_step``
+(TRL's online trainers, such as ``GRPOTrainer``, generate completions from the policy there, which
+a replay cannot reproduce), is refused at attach time, naming the class.  What ``training_step``
+and ``compute_loss`` count in the trainer's attributes is counted once, for the clean pass: every
+attribute of the trainer that holds plain data (numbers, strings, one-element tensors, and lists,
+tuples, sets, deques and dicts of them; not its datasets) is put back after the replay as it was
+before it.  That covers TRL's ``_metrics`` (entropy, token accuracy, rewards, log-probabilities)
+and ``_total_train_tokens``, and sentence-transformers' ``accum_loss_components``; counts kept in
+other objects (a callback, the model, ``trainer.state``) are not covered.  ``state.total_flos``
+counts the replay: each micro-batch's ``floating_point_ops`` is added once more for it.
+
 The callback finds its Trainer when the Trainer calls ``on_init_end`` (or ``on_train_begin`` for
 ``trainer.add_callback``); call :meth:`ACRCallback.attach` yourself where that is not possible.
 
@@ -49,18 +65,25 @@ accelerate 1.3.0, and with the newest releases; the Trainer internals used are l
 from the all-reduced gradient, or per replica with ``per_replica=True``), gradient accumulation,
 ``max_grad_norm``, bf16/fp16 mixed precision, LR schedulers, ``resume_from_checkpoint``,
 ``torch_compile=True``, and ``peft`` LoRA models (only the adapters, the parameters with gradients,
-are corrupted and trained: see :mod:`acr_optim.integrations.peft`).  FSDP, DeepSpeed, tensor/context/sequence
-parallelism and SageMaker model parallelism raise ``NotImplementedError`` at attach time: the
-corruption would be computed from shards instead of the global gradient.
+are corrupted and trained: see :mod:`acr_optim.integrations.peft`).  At attach time these raise
+``NotImplementedError``: DeepSpeed (its engine steps the optimizer inside ``backward``, before any
+callback, so the corrupted pass has no place between the clean gradient and the step); FSDP
+through the Trainer (not verified yet; :class:`~acr_optim.ACR` handles FSDP2 shards in your own
+loop); tensor/context/sequence parallelism and models sharded at load time (their gradients are
+sharded, and the corruption needs the global norm and top-n).  Under ``use_cpu``, accelerate turns
+``--fsdp`` / ``--deepspeed`` into plain DDP; the callback warns once that it did, and trains on.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import functools
 import inspect
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -71,6 +94,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..buffers import preserved_buffers
 from ..corruption import check_eps, check_n, check_p
 from ..optimizer import ACR, check_alpha
 
@@ -102,24 +126,69 @@ def _parameters(method: Callable[..., Any]) -> list[str]:
     return list(inspect.signature(method).parameters)
 
 
-TRAINER_INTERNALS: dict[str, Callable[[Trainer], bool]] = {
-    "Trainer.training_step(model, inputs, num_items_in_batch)": lambda t: (
-        _parameters(t.training_step)[:3] == ["model", "inputs", "num_items_in_batch"]
+def _passes_on(method: Any) -> bool:
+    """Whether ``method`` (a function in a class body) takes nothing but ``*args, **kwargs`` after ``self``.
+
+    Such a wrapper hands its call on unchanged, as TRL's trainers wrap ``training_step`` to enter their
+    activation-offload context before calling ``Trainer.training_step``.
+    """
+    if not callable(method):
+        return False
+    kinds = [parameter.kind for parameter in inspect.signature(method).parameters.values()][1:]
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return bool(kinds) and all(kind in variadic for kind in kinds)
+
+
+def _defining_class(trainer: Trainer, name: str) -> type | None:
+    """The class along ``type(trainer).__mro__`` whose attribute ``name`` the trainer really runs.
+
+    Wrappers that pass their call on (:func:`_passes_on`) are looked through, so ``SFTTrainer.training_step``
+    resolves to ``Trainer``.  None when no class defines ``name`` (an instance attribute, or missing).
+    """
+    classes = [cls for cls in type(trainer).__mro__ if name in vars(cls)]
+    concrete = [cls for cls in classes if not _passes_on(vars(cls)[name])]
+    return (concrete or classes or [None])[0]
+
+
+def _training_step_parameters(trainer: Trainer) -> list[str]:
+    """The parameters (without ``self``) of the ``training_step`` the trainer runs, seen through wrappers."""
+    return _parameters(vars(_defining_class(trainer, "training_step"))["training_step"])[1:]
+
+
+TRAINER_INTERNALS: dict[str, tuple[str, Callable[[Trainer], bool]]] = {
+    "Trainer.training_step(model, inputs, num_items_in_batch)": (
+        "training_step",
+        lambda t: _training_step_parameters(t)[:3] == ["model", "inputs", "num_items_in_batch"],
     ),
-    "Trainer.log(logs, ...)": lambda t: _parameters(t.log)[:1] == ["logs"],
-    "Trainer.create_optimizer()": lambda t: callable(t.create_optimizer),
-    "Trainer.optimizer": lambda t: hasattr(t, "optimizer"),
-    "Trainer.callback_handler.callbacks": lambda t: isinstance(t.callback_handler.callbacks, list),
-    "Trainer.accelerator (sync_gradients, no_sync, reduce, gradient_state.plugin_kwargs)": lambda t: (
-        all(hasattr(t.accelerator, name) for name in ("sync_gradients", "no_sync", "reduce"))
-        and isinstance(t.accelerator.gradient_state.plugin_kwargs, dict)
+    "Trainer.log(logs, ...)": ("log", lambda t: _parameters(t.log)[:1] == ["logs"]),
+    "Trainer.create_optimizer()": ("create_optimizer", lambda t: callable(t.create_optimizer)),
+    "Trainer.optimizer": ("optimizer", lambda t: hasattr(t, "optimizer")),
+    "Trainer.callback_handler.callbacks": (
+        "callback_handler",
+        lambda t: isinstance(t.callback_handler.callbacks, list),
     ),
-    "Trainer.is_deepspeed_enabled, is_fsdp_enabled, get_tp_size(), get_cp_size(), get_sp_size()": lambda t: all(
-        hasattr(t, name)
-        for name in ("is_deepspeed_enabled", "is_fsdp_enabled", "get_tp_size", "get_cp_size", "get_sp_size")
+    "Trainer.accelerator (sync_gradients, no_sync, reduce, gradient_state.plugin_kwargs)": (
+        "accelerator",
+        lambda t: (
+            all(hasattr(t.accelerator, name) for name in ("sync_gradients", "no_sync", "reduce"))
+            and isinstance(t.accelerator.gradient_state.plugin_kwargs, dict)
+        ),
+    ),
+    "Trainer.current_flos, Trainer.floating_point_ops(inputs)": (
+        "floating_point_ops",
+        lambda t: isinstance(t.current_flos, (int, float)) and _parameters(t.floating_point_ops)[:1] == ["inputs"],
+    ),
+    "Trainer.is_deepspeed_enabled, is_fsdp_enabled, get_tp_size(), get_cp_size(), get_sp_size()": (
+        "is_fsdp_enabled",
+        lambda t: all(
+            hasattr(t, name)
+            for name in ("is_deepspeed_enabled", "is_fsdp_enabled", "get_tp_size", "get_cp_size", "get_sp_size")
+        ),
     ),
 }
-"""Description -> check, for each ``Trainer`` internal :class:`ACRCallback` uses (see the comment above)."""
+"""Description -> (the attribute concerned, its check), for each ``Trainer`` internal :class:`ACRCallback` uses
+(see the comment above).  A ``Trainer`` subclass that overrides one of them must keep it; for ``training_step``
+a ``(*args, **kwargs)`` wrapper that passes the call on (TRL's trainers) counts as keeping it."""
 
 
 def _provides(trainer: Trainer, check: Callable[[Trainer], bool]) -> bool:
@@ -129,14 +198,48 @@ def _provides(trainer: Trainer, check: Callable[[Trainer], bool]) -> bool:
         return False
 
 
+def _from_transformers(cls: type | None) -> bool:
+    return cls is None or cls.__module__.split(".")[0] == "transformers"
+
+
 def _check_trainer_internals(trainer: Trainer) -> None:
-    missing = [what for what, check in TRAINER_INTERNALS.items() if not _provides(trainer, check)]
-    if missing:
-        lo, hi = SUPPORTED_TRANSFORMERS
+    """Raise naming what is missing: a subclass's override (named with its module), or transformers' own change."""
+    missing = {what: name for what, (name, check) in TRAINER_INTERNALS.items() if not _provides(trainer, check)}
+    if not missing:
+        return
+    owners = {what: _defining_class(trainer, name) for what, name in missing.items()}
+    overridden = {what: owner for what, owner in owners.items() if not _from_transformers(owner)}
+    if overridden:
+        details = []
+        for what, owner in overridden.items():
+            name = missing[what]
+            if callable(vars(owner)[name]):
+                signature = inspect.signature(vars(owner)[name])
+                name += str(signature.replace(parameters=list(signature.parameters.values())[1:]))  # without self
+            details.append(f"{owner.__module__}.{owner.__qualname__} overrides {what} as {name}")
         raise RuntimeError(
-            f"ACRCallback relies on Trainer internals that transformers {transformers.__version__} "
-            f"({type(trainer).__name__}) does not provide as expected: {'; '.join(missing)}. It is tested with "
-            f"transformers >= {lo}, < {hi}; please report this with your transformers version"
+            f"ACRCallback cannot train with {type(trainer).__name__}: {'; '.join(details)}. The callback relies on "
+            "these Trainer internals (it replays training_step(model, inputs, num_items_in_batch) on each "
+            "micro-batch for the corrupted pass), so a subclass must keep them; a (*args, **kwargs) wrapper "
+            "that passes the call on is fine"
+        )
+    lo, hi = SUPPORTED_TRANSFORMERS
+    raise RuntimeError(
+        f"ACRCallback relies on Trainer internals that transformers {transformers.__version__} "
+        f"({type(trainer).__name__}) does not provide as expected: {'; '.join(missing)}. It is tested with "
+        f"transformers >= {lo}, < {hi}; please report this with your transformers version"
+    )
+
+
+def _check_replayable(trainer: Trainer) -> None:
+    """Refuse trainers that build their batches inside ``training_step``: the replay would not see the clean batch."""
+    owner = _defining_class(trainer, "_prepare_inputs")
+    if not _from_transformers(owner):
+        raise NotImplementedError(
+            f"ACRCallback does not support {type(trainer).__name__}: {owner.__module__}.{owner.__qualname__} "
+            "overrides Trainer._prepare_inputs, so training_step builds its own batches (TRL's online trainers, "
+            "such as GRPOTrainer and RLOOTrainer, generate completions from the policy there), and the replay of "
+            "training_step for the corrupted pass would not see the batch of the clean pass"
         )
 
 
@@ -158,6 +261,58 @@ def _set_rng_state(device: torch.device, states: list[Tensor]) -> None:
     torch.set_rng_state(states[0])
     if device.type != "cpu":
         torch.get_device_module(device.type).set_rng_state(states[1])
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+_DATA = ("train_dataset", "eval_dataset")  # the Trainer's inputs, which training_step reads but does not count in
+
+
+def _plain_tensors(value: Any) -> list[Tensor] | None:
+    """The tensors inside ``value`` if it is plain data, else None.
+
+    Plain data: numbers, strings, one-element tensors (not parameters), and lists, tuples, sets, deques and
+    dicts of plain data.
+    """
+    if isinstance(value, _PLAIN):
+        return []
+    if isinstance(value, Tensor):
+        return [value] if value.numel() == 1 and not isinstance(value, torch.nn.Parameter) else None
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        items = list(value)
+    else:
+        return None
+    found: list[Tensor] = []
+    for item in items:
+        inner = _plain_tensors(item)
+        if inner is None:
+            return None
+        found += inner
+    return found
+
+
+@contextlib.contextmanager
+def _trainer_bookkeeping_kept(trainer: Trainer) -> Iterator[None]:
+    """Put the trainer's plain-data attributes back as they were on entry (the replay's bookkeeping is dropped).
+
+    ``training_step`` and the ``compute_loss`` it calls may count what they see in attributes of the trainer:
+    TRL's trainers append entropy, token accuracy, rewards and log-probabilities to ``_metrics`` and add the
+    batch's tokens to ``_total_train_tokens``; sentence-transformers adds loss components to
+    ``accum_loss_components``.  Every attribute in ``vars(trainer)`` that holds plain data
+    (:func:`_plain_tensors`), other than its datasets, is deep-copied on entry (its tensors detached from
+    any graph) and the copy bound in its place on exit.  Not covered: counts kept in larger tensors or in
+    other objects (callbacks, the model, ``trainer.state``).
+    """
+    saved = {}
+    for name, value in vars(trainer).items():
+        tensors = None if name in _DATA else _plain_tensors(value)
+        if tensors is not None:
+            saved[name] = copy.deepcopy(value, {id(t): t.detach().clone() for t in tensors})
+    try:
+        yield
+    finally:
+        vars(trainer).update(saved)
 
 
 class ACRCallback(TrainerCallback):
@@ -208,7 +363,9 @@ class ACRCallback(TrainerCallback):
         if not isinstance(trainer, Trainer):
             raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
         _check_trainer_internals(trainer)
+        _check_replayable(trainer)
         _check_unsupported_parallelism(trainer)
+        _warn_if_sharding_was_dropped(trainer)
         if not any(cb is self for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(self)
         self.trainer = trainer
@@ -295,15 +452,20 @@ class ACRCallback(TrainerCallback):
         corrupted = torch.zeros((), device=device)
         sync_each_batch = trainer.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False)
         try:
-            for i, (inputs, num_items_in_batch, rng) in enumerate(batches):
-                _set_rng_state(device, rng)
-                last = i == len(batches) - 1
-                sync = contextlib.nullcontext() if last or sync_each_batch else trainer.accelerator.no_sync(model)
-                with sync:
-                    corrupted = corrupted + training_step(model, inputs, num_items_in_batch)
+            # a rank replaying at w (it did not perturb) must leave its buffers as ACR's restore() leaves the others'
+            unperturbed = contextlib.nullcontext() if perturbed else preserved_buffers()
+            with _trainer_bookkeeping_kept(trainer), unperturbed:
+                for i, (inputs, num_items_in_batch, rng) in enumerate(batches):
+                    _set_rng_state(device, rng)
+                    last = i == len(batches) - 1
+                    sync = contextlib.nullcontext() if last or sync_each_batch else trainer.accelerator.no_sync(model)
+                    with sync:
+                        corrupted = corrupted + training_step(model, inputs, num_items_in_batch)
         finally:
             acr.restore()
             _set_rng_state(device, after)
+        # The Trainer counts one forward and backward per micro-batch in total_flos; the replay ran one more.
+        trainer.current_flos += sum(float(trainer.floating_point_ops(inputs)) for inputs, _, _ in batches)
         if perturbed:
             gain = acr.last_first_order_gain
             scaler = getattr(trainer.optimizer, "scaler", None)
@@ -390,19 +552,50 @@ def _all_reduce_mean_grads(model: torch.nn.Module) -> None:
 
 
 def _check_unsupported_parallelism(trainer: Trainer) -> None:
-    """Raise for setups where ``.grad`` holds shards: the corruption needs the global norm and top-n."""
-    unsupported = {
-        "DeepSpeed": trainer.is_deepspeed_enabled,
-        "FSDP": trainer.is_fsdp_enabled or getattr(trainer, "is_fsdp_xla_enabled", False),
+    """Raise, with the reason, for the parallelism the callback does not support through the Trainer."""
+    if trainer.is_deepspeed_enabled:
+        raise NotImplementedError(
+            "ACRCallback does not support DeepSpeed: its engine steps the optimizer inside backward() at the end "
+            "of each gradient-accumulation cycle, before any callback runs, so the corrupted pass has no place "
+            "between the clean gradient and the step; use DDP (accelerate launch --num_processes N) instead"
+        )
+    if trainer.is_fsdp_enabled or getattr(trainer, "is_fsdp_xla_enabled", False):
+        raise NotImplementedError(
+            "ACRCallback does not support FSDP through the Trainer yet: it is not verified there (the ACR optimizer "
+            "itself handles FSDP2 shards, fully_shard, in your own loop); use DDP (accelerate launch "
+            "--num_processes N) instead"
+        )
+    sharded = {
         "models sharded at load time (DistributedConfig)": getattr(
             trainer, "is_distributed_loading_by_transformers", False
         ),
         "tensor/context/sequence parallelism": max(trainer.get_tp_size(), trainer.get_cp_size(), trainer.get_sp_size())
         > 1,
     }
-    names = [name for name, enabled in unsupported.items() if enabled]
+    names = [name for name, enabled in sharded.items() if enabled]
     if names:
         raise NotImplementedError(
             f"ACRCallback does not support {', '.join(names)}: gradients are sharded there, and the corruption "
             "needs the global gradient norm and top-n; use DDP (accelerate launch --num_processes N) instead"
+        )
+
+
+def _warn_if_sharding_was_dropped(trainer: Trainer) -> None:
+    """Warn, on the main process, when ``use_cpu`` made accelerate run the FSDP or DeepSpeed asked for as DDP."""
+    args = trainer.args
+    dropped = [
+        flag
+        for flag, asked, enabled in (
+            ("--fsdp", args.fsdp, trainer.is_fsdp_enabled),
+            ("--deepspeed", args.deepspeed, trainer.is_deepspeed_enabled),
+        )
+        if asked and not enabled
+    ]
+    if args.use_cpu and dropped and args.process_index == 0:
+        warnings.warn(
+            f"{' and '.join(dropped)} ignored under use_cpu: accelerate enables FSDP and DeepSpeed on accelerator "
+            "devices only and turned this run into plain DDP (every process holds the whole model and gradient); "
+            "ACRCallback trains it as DDP",
+            UserWarning,
+            stacklevel=2,
         )
