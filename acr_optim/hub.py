@@ -78,7 +78,8 @@ def write_model_card(
         dataset_split: the evaluated split.
         dataset_config: the dataset's config (``"de-en"``), if any.
         hub_datasets: hub ids of the training data for the ``datasets`` metadata (empty for local files).
-        acr: ``{"eps", "p", "alpha", "n"}`` of ACR training, ``None`` for a baseline.
+        acr: ``{"eps", "p", "alpha", "n"}`` of ACR training, or ``{"fault", "fault_mode",
+            "fault_radius", "alpha"}`` when it trained against a fault's error set; ``None`` for a baseline.
         training: other hyperparameters listed in the card (name -> value).
         faults: ``[(spec, label, value, loss_increase)]``: the metric under real-world faults of
             :mod:`acr_optim.faults` (``("int4:g32", "int4 weights, group 32", ...)``), each a

@@ -32,6 +32,7 @@ from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n, check_p
 from acr_optim.data import check_local_path, load_files
 from acr_optim.errors import UsageError
+from acr_optim.fault_sets import fault_set
 from acr_optim.faults import parse_fault
 from acr_optim.hub import write_model_card
 from acr_optim.integrations.hf import ACRCallback
@@ -127,6 +128,20 @@ class ACRArguments:
         default=None,
         metadata={"help": "L0 limit: corrupt at most n >= 1 parameters, those of largest gradient; unset: all."},
     )
+    acr_fault: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train against a deployment fault instead of the L_p ball (an acr_optim.faults spec: int4:g32, "
+            "int8, fp8_e4m3, flips:10:int8, prune:0.5, ...); --acr_eps, --acr_p and --acr_n then do not apply."
+        },
+    )
+    acr_fault_mode: str = field(
+        default="worst",
+        metadata={"help": "How the corruption is drawn from the fault's error set: worst, actual (QAT) or random."},
+    )
+    acr_fault_radius: float = field(
+        default=1.0, metadata={"help": "Radius factor > 0 of a quantization or cast fault's box (worst, random)."}
+    )
     no_acr: bool = field(default=False, metadata={"help": "Train the baseline: the Trainer's own AdamW, no ACR."})
 
 
@@ -171,6 +186,18 @@ class RecipeArguments(ModelArguments, DataArguments, ACRArguments, CorruptionEva
         check_p(self.acr_p, name="--acr_p")
         check_alpha(self.acr_alpha, name="--acr_alpha")
         check_n(self.acr_n, name="--acr_n")
+        if self.acr_fault is not None and self.lora_r is not None:
+            raise ValueError(
+                "--acr_fault with --lora_r: a deployment fault acts on the merged weights, not on the adapters ACR "
+                "corrupts; train the adapters with the L_p ball (--acr_eps)"
+            )
+        if self.acr_fault is not None:
+            try:
+                fault_set(self.acr_fault, self.acr_fault_mode, self.acr_fault_radius)
+            except ValueError as error:
+                raise ValueError(
+                    f"--acr_fault {self.acr_fault} (--acr_fault_mode, --acr_fault_radius): {error}"
+                ) from None
         for eps in self.corruption_eval_eps:
             check_eps(eps, name="--corruption_eval_eps")
         check_p(self.corruption_eval_p, name="--corruption_eval_p")
@@ -220,14 +247,24 @@ class RecipeArguments(ModelArguments, DataArguments, ACRArguments, CorruptionEva
         """``"ACR (eps=.., p=.., alpha=..)"`` or ``"baseline"``, for summaries and cards."""
         if self.no_acr:
             return "baseline"
+        if self.acr_fault is not None:
+            return f"ACR (fault={self.acr_fault}, {self.acr_fault_mode}, radius={self.acr_fault_radius:g}, alpha={self.acr_alpha:g})"
         n = "" if self.acr_n is None else f", n={self.acr_n}"
         return f"ACR (eps={self.acr_eps:g}, p={self.acr_p:g}, alpha={self.acr_alpha:g}{n})"
 
     @property
     def acr_config(self) -> dict[str, Any] | None:
-        """``{"eps", "p", "alpha", "n"}`` of the ACR run, ``None`` for the baseline."""
+        """``{"eps", "p", "alpha", "n"}`` of the ACR run (``{"fault", "fault_mode", "fault_radius", "alpha"}``
+        with ``--acr_fault``), ``None`` for the baseline: the keyword arguments of :class:`~acr_optim.ACR`."""
         if self.no_acr:
             return None
+        if self.acr_fault is not None:
+            return {
+                "fault": self.acr_fault,
+                "fault_mode": self.acr_fault_mode,
+                "fault_radius": self.acr_fault_radius,
+                "alpha": self.acr_alpha,
+            }
         return {"eps": self.acr_eps, "p": self.acr_p, "alpha": self.acr_alpha, "n": self.acr_n}
 
 
@@ -402,8 +439,7 @@ def acr_optimizer(
         eps=training_args.adam_epsilon,
         weight_decay=training_args.weight_decay,
     )
-    optimizer = ACR(base, eps=args.acr_eps, p=args.acr_p, alpha=args.acr_alpha, n=args.acr_n)
-    return (optimizer, None), [ACRCallback()]
+    return (ACR(base, **args.acr_config), None), [ACRCallback()]
 
 
 def apply_lora(model: torch.nn.Module, args: RecipeArguments, task_type: str) -> torch.nn.Module:

@@ -487,3 +487,20 @@ def test_fsdp_under_use_cpu_runs_as_ddp_with_one_warning(tmp_path):
     assert report["warnings"][0].startswith("--fsdp ignored under use_cpu: accelerate enables FSDP and DeepSpeed")
     assert not report["fsdp"]
     assert ACR_KEYS <= report["log"].keys()
+
+
+def test_a_fault_callback_trains_against_the_fault_and_logs(tmp_path):
+    model = make_model()
+    before = weights(model)
+    trainer = train(tmp_path, model, callback=ACRCallback(fault="int4:g16", fault_mode="worst", alpha=0.5))
+    acr = hf.find_acr(trainer.optimizer)  # inside accelerate's AcceleratedOptimizer
+    assert acr.defaults["acr_fault"] == "int4:g16" and acr.defaults["acr_alpha"] == 0.5
+    logged = [row for row in trainer.state.log_history if "acr/first_order_gain" in row]
+    assert logged and all(row["acr/first_order_gain"] > 0 for row in logged)
+    assert any(not torch.equal(a, b) for a, b in zip(weights(model), before))
+    with pytest.raises(ValueError, match="give eps .* or fault .*, not both"):
+        ACRCallback(eps=0.1, fault="int8")
+    with pytest.raises(ValueError, match="fault_mode must be one of"):
+        ACRCallback(fault="int8", fault_mode="best")
+    with pytest.raises(ValueError, match="need eps or fault"):
+        ACRCallback(fault_radius=0.5)

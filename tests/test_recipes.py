@@ -490,3 +490,23 @@ def test_de_en_gradient_accumulation_keeps_the_loss_scale(tmp_path):
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         losses.append(next(h["loss"] for h in history if "loss" in h))
     assert losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+def test_acr_fault_builds_acr_against_the_fault_and_bad_settings_name_the_flag(tmp_path):
+    import torch
+
+    def parse(*argv):
+        return _common.parse_arguments(
+            de_en.TranslationArguments, Seq2SeqTrainingArguments, {"output_dir": str(tmp_path)}, list(argv), ""
+        )
+
+    args, training_args = parse("--acr_fault", "int4:g2", "--acr_fault_mode", "actual", "--acr_alpha", "1")
+    assert args.acr_config == {"fault": "int4:g2", "fault_mode": "actual", "fault_radius": 1.0, "alpha": 1.0}
+    assert args.training_kind == "ACR (fault=int4:g2, actual, radius=1, alpha=1)"
+    model = torch.nn.Linear(4, 2)
+    (optimizer, _), _ = _common.acr_optimizer(model, args, training_args)
+    assert optimizer.defaults["acr_fault"] == "int4:g2" and optimizer.defaults["acr_fault_mode"] == "actual"
+    with pytest.raises(
+        ValueError, match=r"^--acr_fault int8 \(--acr_fault_mode, --acr_fault_radius\): fault_mode must"
+    ):
+        parse("--acr_fault", "int8", "--acr_fault_mode", "best")

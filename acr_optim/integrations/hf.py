@@ -96,6 +96,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from ..buffers import preserved_buffers
 from ..corruption import check_eps, check_n, check_p
+from ..fault_sets import fault_set
 from ..optimizer import ACR, check_alpha
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "TRAINER_INTERNALS", "ACRCallback"]
@@ -325,6 +326,12 @@ class ACRCallback(TrainerCallback):
         p: the corruption norm of that ``ACR``.
         alpha: its weight of the corrupted loss.
         n: its limit on the number of corrupted parameters (``None``: all).
+        fault: instead of ``eps``, wrap the optimizer in ``ACR(optimizer, alpha=alpha, fault=fault,
+            fault_mode=fault_mode, fault_radius=fault_radius)``: train against the error set of a
+            deployment fault (``"int4:g32"``, ``"fp8_e4m3"``, ``"flips:10:int8"``...; see
+            :mod:`acr_optim.fault_sets`).
+        fault_mode: ``"worst"`` (default), ``"actual"`` or ``"random"``.
+        fault_radius: the radius factor of a quantization or cast box.
         per_replica: under DDP, build each process's corruption from its own gradient (no
             all-reduce before the corruption, "m-sharpness" in the SAM literature); the mixed
             gradients are still all-reduced.  Default False: corruption from the global gradient,
@@ -338,13 +345,31 @@ class ACRCallback(TrainerCallback):
         alpha: float = 0.5,
         n: int | None = None,
         *,
+        fault: str | None = None,
+        fault_mode: str = "worst",
+        fault_radius: float = 1.0,
         per_replica: bool = False,
     ) -> None:
         _check_transformers_version()
         p, alpha, n = check_p(p), check_alpha(alpha), check_n(n)
-        if eps is None and (p, alpha, n) != (2.0, 0.5, None):
-            raise ValueError("ACRCallback: p, alpha and n configure the optimizer it wraps, so they need eps too")
-        self.acr_config = None if eps is None else {"eps": check_eps(eps), "p": p, "alpha": alpha, "n": n}
+        if fault is not None:
+            if eps is not None:
+                raise ValueError("ACRCallback: give eps (the Lp ball) or fault (a fault's error set), not both")
+            fault_set(fault, fault_mode, fault_radius)  # a bad spec, mode or radius fails here, naming the argument
+            self.acr_config = {
+                "alpha": alpha,
+                "n": n,
+                "fault": fault,
+                "fault_mode": fault_mode,
+                "fault_radius": fault_radius,
+            }
+        elif eps is None and (p, alpha, n, fault_mode, fault_radius) != (2.0, 0.5, None, "worst", 1.0):
+            raise ValueError(
+                "ACRCallback: p, alpha, n and the fault settings configure the optimizer it wraps, so they need eps "
+                "or fault too"
+            )
+        else:
+            self.acr_config = None if eps is None else {"eps": check_eps(eps), "p": p, "alpha": alpha, "n": n}
         self.per_replica = bool(per_replica)
         self.trainer: Trainer | None = None
         self._own_acr: ACR | None = None
