@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 
 import pytest
 import torch
@@ -217,12 +218,71 @@ def test_cli_help_documents_every_option_and_rejects_bad_values(capsys):
         assert flag in text
     # defaults are shown where they say something: not on required options, unset ones or off switches
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: 0.5)" in text
+    assert "--num-beams N, --num_beams N" in text and "--max-new-tokens N" in text
+
+
+BAD_VALUES = [
+    (["--eps", "-1"], "argument --eps: must be a finite number > 0, got '-1'"),
+    (["--eps", "0.1", "nan"], "argument --eps: must be a finite number > 0, got 'nan'"),
+    (["--eps", "inf"], "argument --eps: must be a finite number > 0, got 'inf'"),
+    (["--eps", "0"], "argument --eps: must be a finite number > 0, got '0'"),
+    (["--eps", "x"], "argument --eps: must be a finite number > 0, got 'x'"),
+    (["--p", "0.5"], "argument --p: must be a number with 1 <= p <= inf ('inf' accepted), got '0.5'"),
+    (["--n", "0"], "argument --n: must be a positive int or 'all', got '0'"),
+    (["--n", "many"], "argument --n: must be a positive int or 'all', got 'many'"),
+    (["--trials", "0"], "argument --trials: must be an int >= 1, got '0'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an int >= 1, got '0'"),
+    (["--max-samples", "1.5"], "argument --max-samples: must be an int >= 1, got '1.5'"),
+    (["--max-length", "-3"], "argument --max-length: must be an int >= 1, got '-3'"),
+    (["--steps", "-1"], "argument --steps: must be an int >= 0, got '-1'"),
+    (["--step-size", "0"], "argument --step-size: must be a finite number > 0, got '0'"),
+    (["--num-beams", "0"], "argument --num-beams/--num_beams: must be an int >= 1, got '0'"),
+    (["--metric", "bleu", "--max-new-tokens", "0"], "argument --max-new-tokens: must be an int >= 1, got '0'"),
+    (["--group-regex", "(=x"], "argument --group-regex: '(' is not a regular expression "
+                               "(missing ), unterminated subpattern at position 0)"),  # fmt: skip
+    (["--group-regex", "attn"], "argument --group-regex: takes PATTERN=GROUP, got 'attn'"),
+    (["--device", "gpu"], "argument --device: 'gpu' is not a torch device (cpu, cuda, cuda:1, ...)"),
+    (["--device", "cuda:7"], f"argument --device: cuda:7: this machine has {torch.cuda.device_count()} CUDA device(s)"),
+    (["--dtype", "int8"], None),  # argparse's own wording, which varies with the Python version
+    (["--eps"], "give --eps values, --faults, or both"),
+    (["--num-beams", "4"], "--num-beams sets the decoding of --metric bleu; --metric is auto"),
+    (["--metric", "token-accuracy", "--max-new-tokens", "9"],
+     "--max-new-tokens sets the decoding of --metric bleu; --metric is token-accuracy"),  # fmt: skip
+    (["--task", "causal-lm", "--metric", "bleu"],
+     "--metric bleu needs a seq2seq model; --model ./nothing is causal-lm"),  # fmt: skip
+    (["--task", "classification", "--target-data", "t.en"],
+     "--target-data only applies to seq2seq models; --model ./nothing is classification"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_every_argument_is_checked_before_anything_loads(args, message, tmp_path, capsys, monkeypatch):
+    # --model and --data name nothing: an argument that got past the checks would fail on them instead
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "./nothing", "--data", "./missing.txt", "--output-dir", "o", *args])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("acr-probe: error: ")  # one line, not the usage summary
+    if message is not None:
+        assert lines[0] == f"acr-probe: error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "report").write_text("")
     with pytest.raises(SystemExit):
-        main(["--model", "m", "--task", "causal-lm", "--data", "d", "--output-dir", "o", "--n", "0"])
-    assert "n must be a positive int or 'all'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--model", "m", "--task", "causal-lm", "--data", "d", "--output-dir", "o", "--batch-size", "0"])
-    assert "--batch-size must be >= 1" in capsys.readouterr().err
+        main(["--model", "./nothing", "--data", "./missing.txt", "--output-dir", str(tmp_path / "report")])
+    message = f"argument --output-dir: {tmp_path / 'report'} is a file, not a folder"
+    assert capsys.readouterr().err == f"acr-probe: error: {message}\n"
+
+
+def test_a_bad_eps_fails_at_once_in_one_line_not_a_traceback(marian_dir, tmp_path):
+    (tmp_path / "x.txt").write_text("a b\n")
+    code, out, err = _cli(
+        "--model", marian_dir, "--data", tmp_path / "x.txt", "--output-dir", tmp_path / "o", "--eps", "-1"
+    )
+    assert (code, out, err) == (2, "", "acr-probe: error: argument --eps: must be a finite number > 0, got '-1'")
 
 
 def test_table_formats_and_figures(tmp_path):
@@ -261,10 +321,94 @@ def test_table_formats_and_figures(tmp_path):
     md = table.to_markdown(columns=["group", "method", "eps", "n", "delta_loss"])
     assert "- **eps**: 0.1, 1" in md and "| all | gradient | 0.1 | all | 0.5 |" in md
     table.heatmap(tmp_path / "h.png", method="random")
-    table.curve(tmp_path / "c.png")
+    curve = table.curve(tmp_path / "c.png")
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG and (tmp_path / "c.png").read_bytes()[:8] == PNG
+    ax = curve.axes[0]  # readable titles, axes and legends, not column names
+    assert ax.get_title() == "Loss L(w+a) vs corruption size, all parameters\nany number of entries"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("eps (L2 norm of the corruption)", "loss L(w+a)")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "gradient corruption (first-order worst case)",
+        "random corruption",
+        "clean model",
+    ]
     with pytest.raises(ValueError, match="no rows with method='pgd'"):
         table.heatmap(tmp_path / "x.png", method="pgd")
+
+
+def _eps_row(group, method, eps, delta, std, trials=5):
+    return {
+        "group": group,
+        "num_params": 3,
+        "method": method,
+        "eps": eps,
+        "p": 2.0,
+        "n": None,
+        "trials": trials,
+        "loss_clean": 1.0,
+        "loss": 1.0 + delta,
+        "delta_loss": delta,
+        "delta_loss_std": std,
+        "delta_loss_max": delta + std,
+        "first_order": delta,
+        "norm": eps,
+        "l0": 3,
+    }
+
+
+def test_method_heatmaps_share_one_colour_scale_and_leave_noise_uncoloured(tmp_path):
+    from matplotlib.colors import LogNorm
+
+    rows = [
+        _eps_row("all", "gradient", 0.1, 0.02, 0.0, trials=1),
+        _eps_row("all", "gradient", 1.0, 2.0, 0.0, trials=1),
+        _eps_row("all", "random", 0.1, -1e-4, 3e-4),  # |mean| <= std: noise, whatever its sign
+        _eps_row("all", "random", 1.0, 0.005, 0.001),
+    ]
+    table = ProbeTable(rows=rows, config={"p": 2.0})
+    gradient = table.heatmap(tmp_path / "g.png", method="gradient")
+    random = table.heatmap(tmp_path / "r.png", method="random")
+    for fig in (gradient, random):  # one log scale over both methods' coloured cells, the noise left out
+        norm = fig.axes[0].images[0].norm
+        assert type(norm) is LogNorm and (norm.vmin, norm.vmax) == (0.005, 2.0)
+        assert fig.axes[0].get_xlabel() == "eps (L2 norm of the corruption)"
+        assert fig.axes[1].get_ylabel() == "loss increase L(w+a) - L(w)"  # the colour bar
+    assert random.axes[0].images[0].get_array().mask.tolist() == [[True, False]]
+    assert [t.get_text() for t in random.axes[0].texts] == ["-0.0001", "0.005"]
+    assert [t.get_text() for t in random.legends[0].get_texts()] == [
+        "noise: |mean| <= std over the draws (not coloured)"
+    ]
+    assert not gradient.legends and not gradient.axes[0].images[0].get_array().mask.any()
+    bare = [{k: v for k, v in r.items() if k not in ("trials", "delta_loss_std")} for r in rows]  # stored records
+    stored = ProbeTable(rows=bare).heatmap(tmp_path / "b.png", method="random")  # no std: nothing is noise
+    assert [t.get_text() for t in stored.legends[0].get_texts()] == ["<= 0: no increase, off the log colour scale"]
+    assert random.axes[0].get_title() == (
+        "Loss increase L(w+a) - L(w) under random corruption, mean of 5 draws\nL2 norm eps, any number of entries"
+    )
+    assert gradient.axes[0].get_title() == (
+        "Loss increase L(w+a) - L(w) under gradient corruption (first-order worst case)\n"
+        "L2 norm eps, any number of entries"
+    )
+    # a significant decrease (|mean| > std) is no increase: white, off the log scale, which the positive values
+    # keep; an inf cell is dark grey
+    rows += [
+        _eps_row("norm", "random", 0.1, -0.5, 0.01),
+        _eps_row("norm", "random", 1.0, math.inf, math.nan),
+        _eps_row("norm", "gradient", 0.1, 3.0, 0.0, trials=1),
+        _eps_row("norm", "gradient", 1.0, 4.0, 0.0, trials=1),
+    ]
+    for method in ("gradient", "random"):
+        linf = ProbeTable(rows=[{**r, "p": math.inf} for r in rows], config={"p": math.inf})
+        fig = linf.heatmap(tmp_path / "s.png", method=method)
+        norm = fig.axes[0].images[0].norm
+        assert type(norm) is LogNorm and (norm.vmin, norm.vmax) == (0.005, 4.0)
+        assert "L-inf norm eps" in fig.axes[0].get_title()
+    assert fig.axes[0].images[0].get_array().mask.tolist() == [[True, False], [True, True]]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "noise: |mean| <= std over the draws (not coloured)",
+        "<= 0: no increase, off the log colour scale",
+        "inf / NaN: the model broke",
+    ]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["-0.0001", "0.005", "-0.5", "inf"]
 
 
 def test_reloaded_marian_keeps_its_sinusoidal_positions_frozen(tmp_path):
@@ -341,6 +485,75 @@ def test_task_comes_from_the_config_and_a_contradicting_task_is_refused(marian_d
     prefix = ["--data", str(tmp_path / "val"), "--source-lang", "de", "--target-lang", "en"]
     assert main([*argv[:2], *prefix, *argv[4:], "--methods", "gradient", "--output-dir", str(tmp_path / "p")]) == 0
     assert ProbeTable.from_json(tmp_path / "p" / "report.json").rows == report.rows
+
+
+def test_bleu_decodes_as_the_generation_config_or_num_beams_says_and_the_report_records_it(
+    marian_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    model_dir = tmp_path / "beams2"
+    shutil.copytree(marian_dir, model_dir)
+    generation = transformers.GenerationConfig.from_pretrained(model_dir)
+    generation.num_beams = 2  # what model.generate() then uses by default
+    generation.save_pretrained(model_dir)
+    _write_gz(tmp_path / "val.de.gz", _sentences(4, 4))
+    _write_gz(tmp_path / "val.en.gz", _sentences(4, 5))
+    calls = []
+    generate = transformers.MarianMTModel.generate
+
+    def recorded(self, *args, **kwargs):
+        calls.append((kwargs.get("num_beams"), kwargs["max_new_tokens"]))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.MarianMTModel, "generate", recorded)
+    argv = ["--model", str(model_dir), "--data", str(tmp_path / "val.de.gz"), "--metric", "bleu", "--max-length", "12"]
+    argv += ["--eps", "0.1", "--methods", "gradient", "--by", "all", "--no-progress"]
+    decoding = ("num_beams", "num_beams_from", "max_new_tokens")
+    assert main([*argv, "--output-dir", str(tmp_path / "default")]) == 0
+    config = ProbeTable.from_json(tmp_path / "default" / "report.json").config
+    assert [config[k] for k in decoding] == [2, "the model's generation_config", 12]
+    assert set(calls) == {(2, 12)} and len(calls) == 2  # clean, then under the corruption
+    calls.clear()
+    assert main([*argv, "--num_beams", "3", "--max-new-tokens", "5", "--output-dir", str(tmp_path / "given")]) == 0
+    config = ProbeTable.from_json(tmp_path / "given" / "report.json").config
+    assert [config[k] for k in decoding] == [3, "--num-beams", 5]
+    assert set(calls) == {(3, 5)}
+    with open(tmp_path / "given" / "probe.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert (row["num_beams"], row["num_beams_from"], row["max_new_tokens"]) == ("3", "--num-beams", "5")
+    assert "- **num_beams**: 3\n- **num_beams_from**: --num-beams\n- **max_new_tokens**: 5\n" in (
+        tmp_path / "given" / "probe.md"
+    ).read_text()
+    # no decoding, no decoding settings
+    assert main([*argv[:4], *argv[6:], "--output-dir", str(tmp_path / "tokens")]) == 0
+    assert not set(decoding) & set(ProbeTable.from_json(tmp_path / "tokens" / "report.json").config)
+
+
+def test_the_report_says_which_parameters_were_not_probed_and_why(marian_dir, tmp_path):
+    _write_gz(tmp_path / "val.de.gz", _sentences(4, 4))
+    _write_gz(tmp_path / "val.en.gz", _sentences(4, 5))
+    argv = ["--model", str(marian_dir), "--data", str(tmp_path / "val.de.gz"), "--eps", "0.1", "--methods", "gradient"]
+    sizes = {name: p.numel() for name, p in transformers.MarianMTModel.from_pretrained(marian_dir).named_parameters()}
+    positions = ["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"]
+    frozen = "frozen (requires_grad=False; by default only trainable parameters are probed)"
+    assert main([*argv, "--no-progress", "--output-dir", str(tmp_path / "type")]) == 0
+    config = ProbeTable.from_json(tmp_path / "type" / "report.json").config
+    assert config["params_not_probed"] == {frozen: positions}  # Marian's fixed sinusoidal position tables
+    assert config["params_total"] == sum(sizes.values()) == config["params_probed"] + 2 * 32 * 16
+    markdown = (tmp_path / "type" / "probe.md").read_text()
+    assert f"- **params_not_probed**: {frozen}: {', '.join(positions)}\n" in markdown
+    # parameters no --group-regex takes are not probed either, and not counted as probed
+    regex = ["--group-regex", r"self_attn\.=attention", "--no-progress", "--output-dir", str(tmp_path / "regex")]
+    assert main([*argv, *regex]) == 0
+    config = ProbeTable.from_json(tmp_path / "regex" / "report.json").config
+    attention = [name for name in sizes if "self_attn." in name]
+    assert config["params_probed"] == sum(sizes[name] for name in attention)
+    assert config["params_not_probed"] == {
+        frozen: positions,
+        "in no group of `by`": [name for name in sizes if name not in attention + positions],
+    }
+    assert config["params_total"] == sum(sizes.values())
 
 
 def test_a_load_that_leaves_weights_newly_initialised_is_refused(tmp_path):
@@ -421,6 +634,9 @@ def test_cli_probes_a_lora_adapter_folder_as_its_merged_model(gpt2_dir, tmp_path
         assert main(["--model", str(tmp_path / "adapter"), *common, *extra, "--output-dir", str(tmp_path / name)]) == 0
         tables[name] = ProbeTable.from_json(tmp_path / name / "report.json")
     unmerged, merged = tables["unmerged"].rows, tables["merged"].rows
+    for key in ("params_probed", "params_total", "params_not_probed"):  # counted in the merged model both ways
+        assert tables["unmerged"].config[key] == tables["merged"].config[key], key
+    assert tables["unmerged"].config["params_not_probed"] == {}  # the adapter factors are no parameters of its own
     assert [(r["group"], r["num_params"], r["method"], r["eps"]) for r in unmerged] == [
         (r["group"], r["num_params"], r["method"], r["eps"]) for r in merged
     ]

@@ -51,15 +51,18 @@ def test_every_fault_row_restores_the_model_bit_exactly(gpt2):
     assert model.training and all(torch.equal(bits(p), before[k]) for k, p in model.named_parameters())
     for row in table.rows[1:]:
         if row["method"] in FAULTS:
-            assert row["eps"] is None and row["n"] is None and row["p"] == 2
+            assert row["eps"] is None and row["n"] is None and row["p"] is None  # a fault has no norm constraint
             assert row["trials"] == (2 if parse_fault(row["method"]).stochastic else 1) or row["trials"] == 0
+        else:
+            assert row["p"] == 2
     int8_ln = table.select(group="ln_f", method="int8")[0]  # layer norm weights are 1-D: int8 leaves them alone
-    assert (int8_ln["trials"], int8_ln["delta_loss"], int8_ln["l0"], int8_ln["loss"]) == (
-        0,
-        0.0,
-        0,
-        int8_ln["loss_clean"],
-    )
+    # not measured, so not drawn as "unaffected": NaN loss columns, while d = w' - w is exactly 0
+    assert int8_ln["trials"] == 0 and int8_ln["loss_clean"] == table.rows[0]["loss_clean"]
+    for key in ("loss", "delta_loss", "delta_loss_std", "delta_loss_max", "broken"):
+        assert math.isnan(int8_ln[key]), key
+    assert (int8_ln["l0"], int8_ln["norm"], int8_ln["norm_inf"], int8_ln["first_order"]) == (0, 0.0, 0.0, 0.0)
+    # every fault but "prune:0.5:all" leaves 1-D weights alone, and only ln_f holds nothing else
+    assert [(r["group"], r["method"]) for r in table.rows if r["trials"] == 0] == [("ln_f", f) for f in FAULTS[:-1]]
     prune_ln = table.select(group="ln_f", method="prune:0.5:all")[0]
     assert prune_ln["trials"] == 1 and prune_ln["l0"] == 0  # :all reaches it, but its 16 smallest are the zero biases
     h0 = table.select(group="h.0", method="int4:g8")[0]
@@ -149,9 +152,24 @@ def test_tables_with_faults_write_and_draw(gpt2, tmp_path):
     model, batches = gpt2
     table = probe(model, batches, faults=["int8", "prune:0.5"], by="type")
     assert "eps" not in table.config and table.config["faults"] == ["int8", "prune:0.5"]
-    md = table.to_markdown(columns=["group", "method", "eps", "n", "delta_loss"])
-    assert "| attention | int8 |  |  |" in md  # no eps, and n is not "all"
-    table.fault_heatmap(tmp_path / "faults.png")
+    md = table.to_markdown(columns=["group", "method", "eps", "p", "n", "delta_loss"])
+    assert "| attention | int8 |  |  |  |" in md  # no eps, no p, and n is not "all"
+    assert "| norm | int8 |  |  |  | nan |" in md  # not measured
+    fig = table.fault_heatmap(tmp_path / "faults.png")
+    ax = fig.axes[0]
+    groups = [t.get_text() for t in ax.get_yticklabels()]
+    assert groups == ["all", "embedding", "norm", "attention", "feed_forward"]
+    # the norm group's weights are 1-D: neither fault touches them, and they are marked so, not drawn as a 0
+    assert ax.images[0].get_array().mask[groups.index("norm")].tolist() == [True, True]
+    texts = [t.get_text() for t in ax.texts]  # row by row, a column per fault
+    assert [i for i, text in enumerate(texts) if text == "n/a"] == [4, 5]
+    decreased = any(r["trials"] and r["delta_loss"] <= 0 for r in table.rows)  # deterministic faults: std 0
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        *(["<= 0: no increase, off the log colour scale"] if decreased else []),
+        "n/a: not measured (the fault leaves these parameters unchanged)",
+    ]
+    assert ax.get_title() == "Loss increase L(w+a) - L(w) under real-world faults"
+    assert ax.get_xlabel() == "fault (acr_optim.faults spec)"
     table.fault_heatmap(tmp_path / "one.png", value="norm", faults=["prune:0.5"])
     assert (tmp_path / "faults.png").stat().st_size > 0 and (tmp_path / "one.png").stat().st_size > 0
     with pytest.raises(ValueError, match="use fault_heatmap"):

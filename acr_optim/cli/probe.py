@@ -3,7 +3,8 @@
 Writes to ``--output-dir``: ``probe.csv``, ``probe.md``, ``report.json`` (config + rows),
 ``heatmap_<method>.png`` (group x eps of the loss increase), ``curve.png`` (metric vs eps per
 method, paper Figure 3), with ``--faults`` ``heatmap_faults.png`` (group x fault) and, with
-``--save-corruptions``, ``corruptions.safetensors``.
+``--save-corruptions``, ``corruptions.safetensors``.  Every argument is checked before anything
+loads; a bad one stops it with one ``acr-probe: error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -44,24 +46,75 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line naming the flag (exit status 2), not the usage summary first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bounded(convert: Callable[[str], Any], allowed: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)``, refused with "must be ``allowed``" unless ``ok``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _bounded(int, "an int >= 1", lambda v: v >= 1)
+_nonnegative_int = _bounded(int, "an int >= 0", lambda v: v >= 0)
+_positive_float = _bounded(float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+_norm_order = _bounded(float, "a number with 1 <= p <= inf ('inf' accepted)", lambda v: v >= 1)
+_l0_limit = _bounded(int, "a positive int or 'all'", lambda v: v >= 1)
+
+
 def _n_value(text: str) -> int | None:
+    """An ``--n`` value: a positive int, or None (no L0 limit) for ``all``/``none``."""
     if text.lower() in ("all", "none"):
         return None
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"n must be a positive int or 'all', got {text!r}")
-    return value
+    return _l0_limit(text)
 
 
 def _regex_pair(text: str) -> tuple[str, str]:
+    """A ``--group-regex`` value: ``(pattern, group)`` of ``PATTERN=GROUP``, the pattern a valid regular expression."""
     pattern, sep, group = text.rpartition("=")
     if not sep or not pattern or not group:
-        raise argparse.ArgumentTypeError(f"--group-regex takes PATTERN=GROUP, got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes PATTERN=GROUP, got {text!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{pattern!r} is not a regular expression ({err})") from None
     return pattern, group
 
 
+def _device(text: str) -> str:
+    """A ``--device`` value: a torch device string, a CUDA one only for a device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _output_dir(text: str) -> Path:
+    """An ``--output-dir`` value: a folder, existing or not (not a file)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="acr-probe",
         description="Probe the vulnerability of a model's parameters to corruption (Sun et al., AAAI 2021): "
         "measure the loss increase L(w+a)-L(w) for gradient-based (worst-case, first order), random or PGD "
@@ -99,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(DTYPES),
         help="parameter dtype to probe in (bf16/fp16 may round small corruptions away: a warning says so)",
     )
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    model.add_argument(
+        "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -125,18 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--target-column", default="target", help="seq2seq target text column")
     data.add_argument("--label-column", default="label", help="classification label column")
     data.add_argument(
-        "--max-samples", type=int, default=256, help="examples to use (causal-lm: blocks of --max-length tokens)"
+        "--max-samples",
+        type=_positive_int,
+        default=256,
+        help="examples to use (causal-lm: blocks of --max-length tokens)",
     )
-    data.add_argument("--max-length", type=int, default=128, help="tokens per example (truncation / block size)")
-    data.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    data.add_argument(
+        "--max-length", type=_positive_int, default=128, help="tokens per example (truncation / block size)"
+    )
+    data.add_argument("--batch-size", type=_positive_int, default=16, help="examples per forward pass")
 
     corruption = parser.add_argument_group("corruption")
     corruption.add_argument(
         "--eps",
-        type=float,
+        type=_positive_float,
         nargs="*",
         default=[0.01, 0.1, 1.0],
-        help="grid of corruption norms ||a||_p (none: only --faults)",
+        help="grid of corruption norms ||a||_p, each finite and > 0 (none: only --faults)",
     )
     corruption.add_argument(
         "--n",
@@ -145,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[None],
         help="grid of L0 limits (max corrupted entries per group); 'all' = no limit",
     )
-    corruption.add_argument("--p", type=float, default=2.0, help="norm order, 1 <= p <= inf ('inf' accepted)")
+    corruption.add_argument(
+        "--p",
+        type=_norm_order,
+        default=2.0,
+        help="norm order of eps and of the rows' norm column, 1 <= p <= inf ('inf' accepted)",
+    )
     corruption.add_argument(
         "--methods",
         nargs="+",
@@ -162,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         "flip:1e-3:int8 flips:10 flip-worst:10:mantissa prune:0.5 (see acr_optim.faults.GRAMMAR)",
     )
     corruption.add_argument(
-        "--trials", type=int, default=5, help="draws per row of the random method and of random faults"
+        "--trials", type=_positive_int, default=5, help="draws per row of the random method and of random faults"
     )
-    corruption.add_argument("--steps", type=int, default=10, help="ascent steps (pgd)")
-    corruption.add_argument("--step-size", type=float, default=0.5, help="relative ascent step (pgd)")
+    corruption.add_argument("--steps", type=_nonnegative_int, default=10, help="ascent steps (pgd)")
+    corruption.add_argument("--step-size", type=_positive_float, default=0.5, help="relative ascent step (pgd)")
     corruption.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     corruption.add_argument(
         "--by",
@@ -183,13 +248,27 @@ def build_parser() -> argparse.ArgumentParser:
     corruption.add_argument("--no-all", action="store_true", help="do not add the 'all parameters' group")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", required=True, type=Path, help="folder for table, figures and report")
+    output.add_argument("--output-dir", required=True, type=_output_dir, help="folder for table, figures and report")
     output.add_argument(
         "--metric",
         default="auto",
         choices=METRICS,
         help="metric before/under corruption; auto: perplexity (causal-lm), accuracy "
-        "(classification), token-accuracy (seq2seq)",
+        "(classification), token-accuracy (seq2seq); bleu: corpus BLEU of model.generate (seq2seq)",
+    )
+    output.add_argument(
+        "--num-beams",
+        "--num_beams",
+        type=_positive_int,
+        metavar="N",
+        help="--metric bleu: beams of the decoding (1: greedy; default: the model's generation_config.num_beams, "
+        "as model.generate() decodes; recipes/de_en.py scores its BLEU with 4)",
+    )
+    output.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="--metric bleu: longest translation generated (default: --max-length)",
     )
     output.add_argument(
         "--save-corruptions", action="store_true", help="also write every applied corruption to corruptions.safetensors"
@@ -295,17 +374,30 @@ def _collator(tokenizer: Any, model: Any, task: str) -> Any:
     return DataCollatorWithPadding(tokenizer)
 
 
-def _metric_fn(name: str, task: str, tokenizer: Any, max_length: int) -> Any:
+def _decoding(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """How ``--metric bleu`` decodes, as recorded in the report: beams (``--num-beams``, else the model's
+    ``generation_config``), where that number came from, and the most new tokens (``--max-new-tokens``,
+    else ``--max-length``)."""
+    given = args.num_beams is not None
+    return {
+        "num_beams": args.num_beams if given else model.generation_config.num_beams,
+        "num_beams_from": "--num-beams" if given else "the model's generation_config",
+        "max_new_tokens": args.max_new_tokens or args.max_length,
+    }
+
+
+def _metric_fn(name: str, task: str, tokenizer: Any, decoding: dict[str, Any]) -> Any:
     from acr_optim.probe import metrics
 
     if name == "auto":
         name = {"causal-lm": "perplexity", "classification": "accuracy", "seq2seq": "token-accuracy"}[task]
+    if name == "bleu":
+        return metrics.bleu(tokenizer, max_new_tokens=decoding["max_new_tokens"], num_beams=decoding["num_beams"])
     return {
         "none": None,
         "perplexity": metrics.perplexity,
         "accuracy": metrics.accuracy,
         "token-accuracy": metrics.token_accuracy(shift=task == "causal-lm"),
-        "bleu": metrics.bleu(tokenizer, max_new_tokens=max_length) if name == "bleu" else None,
     }[name]
 
 
@@ -340,15 +432,21 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("max_samples", "max_length", "batch_size", "trials"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    """What the argument types cannot check alone (each value's range is checked as it is parsed)."""
     if not args.eps and not args.faults:
         parser.error("give --eps values, --faults, or both")
     for spec in args.faults:
         try:
             parse_fault(spec)
         except ValueError as err:
+            parser.error(str(err))
+    for flag in ("num_beams", "max_new_tokens"):
+        if getattr(args, flag) is not None and args.metric != "bleu":
+            parser.error(f"--{flag.replace('_', '-')} sets the decoding of --metric bleu; --metric is {args.metric}")
+    if args.task is not None:
+        try:
+            _check_task(args, args.task)
+        except UsageError as err:
             parser.error(str(err))
 
 
@@ -378,7 +476,10 @@ def _run(args: argparse.Namespace) -> int:
     from acr_optim.data import check_local_path
     from acr_optim.probe import probe
 
-    for spec in args.data:  # fail on a mistyped path before the model loads
+    check_local_path(args.model, "--model")  # fail on a mistyped path before the model loads
+    if args.tokenizer:
+        check_local_path(args.tokenizer, "--tokenizer")
+    for spec in args.data:
         check_local_path(spec, "--data", prefix=True)
     for spec in args.target_data or []:
         check_local_path(spec, "--target-data")
@@ -394,6 +495,7 @@ def _run(args: argparse.Namespace) -> int:
         {k: v.to(device) for k, v in collate(examples[i : i + args.batch_size]).items()}
         for i in range(0, len(examples), args.batch_size)
     ]
+    decoding = _decoding(args, model) if args.metric == "bleu" else {}
     saved: dict[str, torch.Tensor] = {}
 
     def keep(row: dict[str, Any], a: dict[str, torch.Tensor]) -> None:
@@ -412,7 +514,7 @@ def _run(args: argparse.Namespace) -> int:
         faults=args.faults,
         by=args.group_regex or args.by,
         include_all=not args.no_all,
-        metric_fn=_metric_fn(args.metric, task, tokenizer, args.max_length),
+        metric_fn=_metric_fn(args.metric, task, tokenizer, decoding),
         trials=args.trials,
         seed=args.seed,
         steps=args.steps,
@@ -428,6 +530,7 @@ def _run(args: argparse.Namespace) -> int:
         num_tokens=sum(len(ex["input_ids"]) for ex in examples),
         max_length=args.max_length,
         batch_size=args.batch_size,
+        **decoding,
         device=str(device),
         acr_optim=acr_optim.__version__,
     )

@@ -51,10 +51,19 @@ def token_accuracy(shift: bool) -> MetricFn:
     return metric
 
 
-def bleu(tokenizer: Any, max_new_tokens: int = 64, num_beams: int = 1) -> MetricFn:
+def bleu(tokenizer: Any, max_new_tokens: int = 64, num_beams: int | None = None) -> MetricFn:
     """Corpus BLEU of ``model.generate`` on ``input_ids`` against the decoded ``labels``
-    (:func:`~acr_optim.integrations.evaluate.corpus_bleu`: ``evaluate``'s sacrebleu, or sacrebleu itself offline)."""
+    (:func:`~acr_optim.integrations.evaluate.corpus_bleu`: ``evaluate``'s sacrebleu, or sacrebleu itself offline).
+
+    ``num_beams`` beams (1: greedy); None decodes as ``model.generate()`` does by default, with the
+    model's ``generation_config.num_beams``.  At most ``max_new_tokens`` tokens per translation.
+    """
     from ..integrations.evaluate import corpus_bleu
+
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    beams = {} if num_beams is None else {"num_beams": num_beams}
 
     def metric(model: nn.Module, batches: Sequence[Any]) -> dict[str, float]:
         hyps: list[str] = []
@@ -64,7 +73,7 @@ def bleu(tokenizer: Any, max_new_tokens: int = 64, num_beams: int = 1) -> Metric
                 input_ids=batch["input_ids"],
                 attention_mask=batch.get("attention_mask"),
                 max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
+                **beams,
             )
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
             labels = torch.where(batch["labels"] == -100, tokenizer.pad_token_id, batch["labels"])

@@ -9,7 +9,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
 __all__ = ["ProbeTable"]
 
@@ -24,6 +28,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _config_text(value: Any) -> str:
+    """A config value in Markdown: lists comma-separated (None as ``all``, the n grid's "no limit"),
+    dicts as ``key: value; ...`` (``none`` when empty)."""
+    if isinstance(value, list):
+        return ", ".join(_fmt(x) or "all" for x in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_config_text(v)}" for k, v in value.items()) or "none"
+    return _fmt(value)
+
+
 def _is_fault(row: dict[str, Any]) -> bool:
     """Fault rows (``method`` a fault spec) have no ``eps``."""
     return row.get("eps") is None
@@ -36,7 +50,8 @@ class ProbeTable:
     CSV rows carry the config scalars (model, p, seed, ...) as extra columns so every file is
     self-describing; JSON holds ``{"config": ..., "rows": [...]}``; Markdown lists the config
     above the table.  ``n = None`` (no L0 limit) is written as an empty CSV cell / ``all``; fault
-    rows have ``eps = n = None`` (empty cells) and ``method`` set to the fault spec.
+    rows have ``eps = p = n = None`` (empty cells; their ``norm`` is in the config's ``p``),
+    ``method`` set to the fault spec, and NaN loss columns when ``trials`` is 0 (not measured).
     """
 
     rows: list[dict[str, Any]]
@@ -77,10 +92,7 @@ class ProbeTable:
 
     def to_markdown(self, path: PathLike | None = None, columns: Sequence[str] | None = None) -> str:
         cols = list(columns) if columns is not None else self.columns
-        lines = [
-            f"- **{k}**: {_fmt(v) if not isinstance(v, list) else ', '.join(_fmt(x) or 'all' for x in v)}"
-            for k, v in self.config.items()
-        ]
+        lines = [f"- **{k}**: {_config_text(v)}" for k, v in self.config.items()]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.rows:
             cells = [
@@ -103,11 +115,16 @@ class ProbeTable:
         method: str | None = None,
         n: int | None | str = "first",
         title: str | None = None,
-    ) -> None:
+    ) -> Figure:
         """Group x eps heatmap of ``value`` (warmer = larger = worse) for one method and ``n``.
 
-        Log colour scale when every value is positive.  ``method``/``n`` default to the first
-        ``eps`` row's; fault rows have their own :meth:`fault_heatmap`.
+        Returns the figure (also saved to ``path``).  Every method's heatmap at this ``n`` shares one
+        logarithmic colour scale (from all their ``eps`` rows), so the gradient and random figures
+        compare cell by cell.  Cells without a colour say why, in a legend: a mean within its
+        standard deviation over the draws (``|value| <= value_std``, e.g. random corruptions that
+        move the loss less than their own spread) is noise, hatched grey; a value <= 0 (the loss
+        did not increase) is white, off the scale; inf/NaN is dark grey.  ``method``/``n`` default
+        to the first ``eps`` row's; fault rows have their own :meth:`fault_heatmap`.
         """
         method = method or self._default("method")
         n = self._default("n") if n == "first" else n
@@ -117,20 +134,38 @@ class ProbeTable:
             raise ValueError(f"no rows with method={method!r} and n={n!r}{hint}")
         groups = list(dict.fromkeys(r["group"] for r in rows))
         eps = sorted({r["eps"] for r in rows})
-        grid = [[math.nan] * len(eps) for _ in groups]
+        grid: list[list[_Cell | None]] = [[None] * len(eps) for _ in groups]
         for r in rows:
-            grid[groups.index(r["group"])][eps.index(r["eps"])] = r[value]
-        n_text = "all" if n is None else n
-        title = title or f"{value}: {method}, p={_fmt(self._default('p'))}, n={n_text}"
-        _draw_grid(path, grid, groups, [f"{e:g}" for e in eps], "eps", value, title)
+            grid[groups.index(r["group"])][eps.index(r["eps"])] = _Cell.of(r, value)
+        shared = [_Cell.of(r, value) for r in self.select(n=n) if not _is_fault(r)]
+        trials = max(r.get("trials", 1) for r in rows)
+        norm_name = _norm_name(self._default("p"))
+        title = title or (
+            f"{_title_case(_label(value))} under {_METHOD_LABELS.get(method, method)}"
+            + (f", mean of {trials} draws" if trials > 1 else "")
+            + f"\n{norm_name} norm eps, {_entries(n)}"
+        )
+        return _draw_grid(
+            path,
+            grid,
+            groups,
+            [f"{e:g}" for e in eps],
+            f"eps ({norm_name} norm of the corruption)",
+            _label(value),
+            title,
+            _colour_norm([c.value for c in shared if c.state == "value"]),
+        )
 
     def fault_heatmap(
         self, path: PathLike, value: str = "delta_loss", faults: Sequence[str] | None = None, title: str | None = None
-    ) -> None:
+    ) -> Figure:
         """Group x fault heatmap of ``value`` (warmer = worse): which layer breaks under which fault.
 
-        ``faults`` (specs, default every fault of the table, in order) pick and order the
-        columns.  Log colour scale when every finite value is positive; inf/NaN cells are dark grey.
+        Returns the figure (also saved to ``path``).  ``faults`` (specs, default every fault of the
+        table, in order) pick and order the columns.  Colours as in :meth:`heatmap` (the scale from
+        these cells alone); a fault that touches none of a group's parameters (``trials`` 0: int8
+        leaves 1-D weights in float) is not measured, drawn hatched white with "n/a", not as an
+        unaffected 0.
         """
         rows = [r for r in self.rows if _is_fault(r)]
         faults = list(faults) if faults is not None else list(dict.fromkeys(r["method"] for r in rows))
@@ -138,10 +173,20 @@ class ProbeTable:
         if not rows:
             raise ValueError(f"no fault rows for faults={faults!r}")
         groups = list(dict.fromkeys(r["group"] for r in rows))
-        grid = [[math.nan] * len(faults) for _ in groups]
+        grid: list[list[_Cell | None]] = [[None] * len(faults) for _ in groups]
         for r in rows:
-            grid[groups.index(r["group"])][faults.index(r["method"])] = r[value]
-        _draw_grid(path, grid, groups, faults, "fault", value, title or f"{value} under faults")
+            grid[groups.index(r["group"])][faults.index(r["method"])] = _Cell.of(r, value)
+        cells = [cell for line in grid for cell in line if cell is not None]
+        return _draw_grid(
+            path,
+            grid,
+            groups,
+            faults,
+            "fault (acr_optim.faults spec)",
+            _label(value),
+            title or f"{_title_case(_label(value))} under real-world faults",
+            _colour_norm([c.value for c in cells if c.state == "value"]),
+        )
 
     def curve(
         self,
@@ -150,10 +195,10 @@ class ProbeTable:
         group: str | None = None,
         n: int | None | str = "first",
         title: str | None = None,
-    ) -> None:
+    ) -> Figure:
         """``value`` vs eps (log x; log y when positive values span over a decade), one line per method for
         ``group`` (default ``"all"`` or the first group), with the clean value dashed and, for
-        ``value="loss"``, random's +-1 std band (paper Figure 3)."""
+        ``value="loss"``, random's +-1 std band (paper Figure 3); returns the figure."""
         from matplotlib.figure import Figure
 
         groups = list(dict.fromkeys(r["group"] for r in self.rows))
@@ -167,7 +212,7 @@ class ProbeTable:
         for method in dict.fromkeys(r["method"] for r in rows):
             line = sorted((r for r in rows if r["method"] == method), key=lambda r: r["eps"])
             xs, ys = [r["eps"] for r in line], [r[value] for r in line]
-            (handle,) = ax.plot(xs, ys, marker="o", label=method)
+            (handle,) = ax.plot(xs, ys, marker="o", label=_METHOD_LABELS.get(method, method))
             if value == "loss" and any(r["delta_loss_std"] for r in line):
                 std = [r["delta_loss_std"] for r in line]
                 ax.fill_between(
@@ -179,42 +224,162 @@ class ProbeTable:
                 )
         clean = f"{value}_clean" if f"{value}_clean" in rows[0] else "loss_clean" if value == "loss" else None
         if clean is not None:
-            ax.axhline(rows[0][clean], color="grey", linestyle="--", label="clean")
+            ax.axhline(rows[0][clean], color="grey", linestyle="--", label="clean model")
         ax.set_xscale("log")
         values = [r[value] for r in rows if math.isfinite(r[value])]
         if values and min(values) > 0 and max(values) > 10 * min(values):
             ax.set_yscale("log")
-        ax.set_xlabel("eps")
-        ax.set_ylabel(value)
-        ax.legend()
-        n_text = "all" if n is None else n
-        ax.set_title(title or f"{group}: p={_fmt(self._default('p'))}, n={n_text}", fontsize=9)
+        norm_name = _norm_name(self._default("p"))
+        ax.set_xlabel(f"eps ({norm_name} norm of the corruption)")
+        ax.set_ylabel(_label(value))
+        ax.legend(fontsize=7)
+        where = "all parameters" if group == "all" else f"group {group}"
+        ax.set_title(title or f"{_title_case(_label(value))} vs corruption size, {where}\n{_entries(n)}", fontsize=9)
         fig.savefig(path, dpi=120)
+        return fig
+
+
+# Readable names of the columns and methods, for titles, axes and legends.
+_VALUE_LABELS = {
+    "delta_loss": "loss increase L(w+a) - L(w)",
+    "delta_loss_max": "largest loss increase over the draws",
+    "delta_loss_std": "std of the loss increase over the draws",
+    "loss": "loss L(w+a)",
+    "first_order": "first-order estimate g.a",
+    "norm": "norm of the change w' - w",
+    "norm_inf": "largest weight change max |w' - w|",
+    "l0": "changed entries",
+    "broken": "share of draws with an infinite loss",
+    "perplexity": "perplexity",
+    "accuracy": "accuracy",
+    "token_accuracy": "token accuracy",
+    "bleu": "BLEU",
+}
+_METHOD_LABELS = {
+    "gradient": "gradient corruption (first-order worst case)",
+    "random": "random corruption",
+    "pgd": "PGD corruption (gradient ascent)",
+}
+# How the cells that carry no colour are drawn, and what the legend says of them.
+_STYLES: dict[str, dict[str, Any]] = {
+    "noise": {"facecolor": "whitesmoke", "edgecolor": "darkgrey", "hatch": "...", "linewidth": 0},
+    "not positive": {"facecolor": "white", "edgecolor": "darkgrey", "linewidth": 0.5},
+    "not measured": {"facecolor": "white", "edgecolor": "darkgrey", "hatch": "///", "linewidth": 0},
+    "broken": {"facecolor": "dimgrey", "edgecolor": "dimgrey", "linewidth": 0},
+}
+_LEGEND = {
+    "noise": "noise: |mean| <= std over the draws (not coloured)",
+    "not positive": "<= 0: no increase, off the log colour scale",
+    "not measured": "n/a: not measured (the fault leaves these parameters unchanged)",
+    "broken": "inf / NaN: the model broke",
+}
+
+
+def _label(value: str) -> str:
+    """The readable name of column ``value`` (its name with spaces for columns without one)."""
+    return _VALUE_LABELS.get(value, value.replace("_", " "))
+
+
+def _title_case(text: str) -> str:
+    """``text`` with its first letter upper case (the rest as it is: ``L(w)`` stays)."""
+    return text[:1].upper() + text[1:]
+
+
+def _norm_name(p: float | None) -> str:
+    """``"L2"``, ``"L1.5"``, ``"L-inf"``."""
+    return "L-inf" if p == math.inf else f"L{_fmt(p)}"
+
+
+def _entries(n: int | None) -> str:
+    """What the L0 limit ``n`` allows, in words."""
+    return "any number of entries" if n is None else f"at most {n} entries"
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One heatmap cell: the row's ``value``, its std over the draws and whether it was measured at all
+    (rows without ``trials``, such as hand-made ones, count as measured once)."""
+
+    value: float
+    std: float
+    measured: bool
+
+    @classmethod
+    def of(cls, row: dict[str, Any], value: str) -> _Cell:
+        std = row.get(f"{value}_std")
+        return cls(float(row[value]), math.nan if std is None else float(std), row.get("trials", 1) > 0)
+
+    @property
+    def state(self) -> str:
+        """``"value"`` (coloured), ``"noise"``, ``"not positive"``, ``"not measured"`` or ``"broken"`` (inf/NaN)."""
+        if not self.measured:
+            return "not measured"
+        if not math.isfinite(self.value):
+            return "broken"
+        if self.std > 0 and abs(self.value) <= self.std:
+            return "noise"
+        return "value" if self.value > 0 else "not positive"
+
+
+def _colour_norm(values: Sequence[float]) -> Normalize:
+    """The logarithmic colour scale of the (positive) coloured ``values``."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    return LogNorm(min(values), max(values)) if values else Normalize(0.0, 1.0)
 
 
 def _draw_grid(
-    path: PathLike, grid: list[list[float]], rows: list[str], columns: list[str], xlabel: str, value: str, title: str
-) -> None:
-    """A rows x columns heatmap PNG of ``grid``, values written in the cells; log colours when all finite ones are > 0."""
+    path: PathLike,
+    grid: list[list[_Cell | None]],
+    rows: list[str],
+    columns: list[str],
+    xlabel: str,
+    value: str,
+    title: str,
+    norm: Normalize,
+) -> Figure:
+    """A rows x columns heatmap PNG of ``grid`` (values written in the cells, cells without colour
+    explained in a legend below, a colour bar when any cell is coloured); returns the figure.
+    Missing cells (None) stay blank."""
     import numpy as np
     from matplotlib import colormaps
-    from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
 
-    finite = [v for line in grid for v in line if math.isfinite(v)]
-    norm = LogNorm() if finite and min(finite) > 0 else Normalize()
-    fig = Figure(figsize=(1.1 * len(columns) + 2.5, 0.45 * len(rows) + 1.6), layout="constrained")
+    values = np.array([[math.nan if c is None else c.value for c in line] for line in grid], dtype=float)
+    coloured = np.array([[c is not None and c.state == "value" for c in line] for line in grid])
+    states = {c.state for line in grid for c in line if c is not None} - {"value"}
+    fig = Figure(
+        figsize=(1.1 * len(columns) + 2.5, 0.45 * len(rows) + 1.8 + 0.2 * len(states)), layout="constrained"
+    )
     ax = fig.add_subplot()
-    data = np.ma.masked_invalid(np.array(grid, dtype=float))
-    image = ax.imshow(data, cmap=colormaps["YlOrRd"].with_extremes(bad="dimgrey"), norm=norm, aspect="auto")
+    image = ax.imshow(
+        np.ma.masked_array(values, mask=~coloured),
+        cmap=colormaps["YlOrRd"].with_extremes(bad="white"),
+        norm=norm,
+        aspect="auto",
+    )
     slanted = max(map(len, columns)) > 8
     ax.set_xticks(range(len(columns)), columns, rotation=30 if slanted else 0, ha="right" if slanted else "center")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(xlabel)
     for i, line in enumerate(grid):
-        for j, v in enumerate(line):
-            dark = not math.isfinite(v) or norm(v) > 0.6
-            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    fig.colorbar(image, ax=ax, label=value)
+        for j, cell in enumerate(line):
+            if cell is None:
+                continue
+            if cell.state != "value":
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, **_STYLES[cell.state]))
+            text = "n/a" if cell.state == "not measured" else f"{cell.value:.3g}"
+            if cell.state == "value":
+                colour = "white" if norm(cell.value) > 0.6 else "black"
+            else:
+                colour = "white" if cell.state == "broken" else "dimgrey"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+    if states:
+        handles = [Patch(label=_LEGEND[s], **_STYLES[s]) for s in _LEGEND if s in states]
+        fig.legend(handles=handles, loc="outside lower center", fontsize=7, frameon=False)
+    if coloured.any():
+        fig.colorbar(image, ax=ax, label=value)
     ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=120)
+    return fig

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..corruption import check_eps, check_n
 from ..faults import Fault, parse_fault
-from ..integrations.peft import is_peft_model, probe_target
+from ..integrations.peft import is_peft_model, merged_parameters, probe_target
 from .groups import GroupBy, group_parameters
 from .indicator import (
     IndicatorResult,
@@ -89,13 +89,23 @@ def _fault_row(
     Each draw writes the faulty values themselves (not ``w + d``), measures, and restores the
     parameters bit-exactly.  A NaN loss counts as ``inf`` (the fault broke the model); ``broken``
     is the share of draws with an infinite loss, and ``delta_loss_std`` is NaN when there are any.
+    ``norm`` is ``||d||_p``; the row's own ``p`` is None (a fault has no norm constraint).  A fault
+    that touches none of ``params`` is not measured: ``trials`` 0, ``d = 0`` (``norm``, ``norm_inf``,
+    ``l0`` and ``first_order`` are 0) and NaN loss, metric and ``broken`` columns.
     """
     hit = [i for i, t in enumerate(params) if fault.targets(t)]
-    row: dict[str, Any] = {"method": fault.name, "eps": None, "p": p, "n": None, "trials": 0, "loss_clean": loss_clean}
+    row: dict[str, Any] = {
+        "method": fault.name,
+        "eps": None,
+        "p": None,
+        "n": None,
+        "trials": 0,
+        "loss_clean": loss_clean,
+    }
     if not hit:  # the fault leaves this group as it is: nothing to measure
-        row.update(loss=loss_clean, delta_loss=0.0, delta_loss_std=0.0, delta_loss_max=0.0, first_order=0.0)
-        row.update(norm=0.0, l0=0, norm_inf=0.0, broken=0.0)
-        row.update({k: v for key, value in metric_clean.items() for k, v in ((f"{key}_clean", value), (key, value))})
+        row.update(loss=math.nan, delta_loss=math.nan, delta_loss_std=math.nan, delta_loss_max=math.nan)
+        row.update(first_order=0.0, norm=0.0, l0=0, norm_inf=0.0, broken=math.nan)
+        row.update({k: v for key, value in metric_clean.items() for k, v in ((f"{key}_clean", value), (key, math.nan))})
         return row, {}
     params, grads, transposed = [params[i] for i in hit], [grads[i] for i in hit], [transposed[i] for i in hit]
     tensors = [t.detach() for t in params]
@@ -131,6 +141,48 @@ def _fault_row(
         row[f"{key}_clean"] = value
         row[key] = sum(m[key] for m in metrics) / draws
     return row, {i: (v - w) for i, v, w in zip(hit, worst, tensors)}
+
+
+def _coverage(
+    model: nn.Module,
+    target: nn.Module,
+    params: Iterable[str | nn.Parameter] | None,
+    named: dict[str, nn.Parameter],
+    groups: dict[str, list[str]],
+) -> dict[str, Any]:
+    """``params_probed``, ``params_total`` and ``params_not_probed`` (``{reason: names}``) of the report.
+
+    ``model`` is the model given to :func:`probe`, ``target`` the one measured (its base model for a
+    LoRA model), ``params`` the caller's selection, ``named`` the selected parameters and ``groups``
+    the groups they went to.  The total is every parameter of the model (the merged model's for a
+    LoRA model) when ``params`` is None, else every selected one; shared tensors count once.
+    """
+    probed_names = {name for members in groups.values() for name in members}
+    probed = {id(named[name]) for name in probed_names}
+    selected = {id(t) for t in named.values()}
+    peft = params is None and is_peft_model(model)
+    if params is not None:
+        universe: dict[str, Tensor] = dict(named)
+    elif peft:
+        universe = dict(merged_parameters(model))
+    else:
+        universe = dict(target.named_parameters())
+    not_probed: dict[str, list[str]] = {}
+    for name, t in universe.items():
+        if id(t) in probed:
+            continue
+        if id(t) in selected:
+            reason = "in no group of `by`"
+        elif peft:
+            reason = "kept fixed by the model's class (e.g. sinusoidal position tables)"
+        else:
+            reason = "frozen (requires_grad=False; by default only trainable parameters are probed)"
+        not_probed.setdefault(reason, []).append(name)
+    return {
+        "params_probed": sum(named[name].numel() for name in probed_names),
+        "params_total": sum(t.numel() for t in universe.values()),
+        "params_not_probed": not_probed,
+    }
 
 
 def probe(
@@ -170,13 +222,16 @@ def probe(
 
     ``faults`` (specs of :func:`~acr_optim.faults.parse_fault` such as ``"int4:g32"``, ``"bf16"``,
     ``"flip:1e-6"``, ``"prune:0.5"``, or :class:`~acr_optim.faults.Fault` objects) add one row per
-    group and fault after the group's ``eps`` rows: ``method`` is the spec, ``eps`` and ``n`` are
-    None, ``trials`` the number of draws (``trials`` for stochastic faults, 1 otherwise, 0 when
-    the fault touches none of the group's parameters, e.g. int8 on a norm group), ``delta_loss``
-    (``_std``, ``_max``) over the draws, ``first_order = g.d``, ``norm = ||d||_p`` and
+    group and fault after the group's ``eps`` rows: ``method`` is the spec, ``eps``, ``p`` and ``n``
+    are None (a fault has no norm constraint), ``trials`` the number of draws (``trials`` for
+    stochastic faults, 1 otherwise), ``delta_loss`` (``_std``, ``_max``) over the draws,
+    ``first_order = g.d``, ``norm = ||d||_p`` (``p`` of the call, as for the ``eps`` rows) and
     ``l0`` of the worst draw's ``d = w' - w``, plus ``norm_inf = max |d|`` (compare the norms
     with the ``eps`` of the other rows) and ``broken`` (the share of draws whose loss is inf or
-    NaN).  A fault writes the faulty values themselves; ``on_corruption`` sees ``d`` (see
+    NaN).  A fault that touches none of the group's parameters (int8 on a norm group: 1-D
+    weights stay in float) is not measured: ``trials`` 0, NaN loss, metric and ``broken``
+    columns (``d = 0``: ``norm``, ``norm_inf``, ``l0``, ``first_order`` are 0).  A fault writes
+    the faulty values themselves; ``on_corruption`` sees ``d`` (see
     :mod:`acr_optim.faults` on when ``w + d`` rounds).  Stochastic faults draw from a generator
     seeded with ``seed`` for every row.  The faults see GPT-2's ``Conv1D`` weights transposed,
     ``(out, in)`` as in ``nn.Linear``, so channels and groups are output rows and input runs.
@@ -184,6 +239,13 @@ def probe(
     model is probed as its merged model, without merging
     (:func:`~acr_optim.integrations.peft.probe_target`); faults, which are not additive, need the
     merged model itself (``merge_and_unload()``).
+
+    The table's ``config`` records the grids and settings, and which parameters were measured:
+    ``params_probed`` (elements in the groups), ``params_total`` (every parameter of the model,
+    of the merged model for a LoRA model, or of ``params`` when given; shared tensors once) and
+    ``params_not_probed`` (``{reason: names}`` of the others: frozen ones, which the default
+    ``params`` leaves out, such as Marian's fixed sinusoidal position tables; those no group of
+    ``by`` takes).
     """
     fault_list = _faults(faults)
     if eps is None and not fault_list:
@@ -198,6 +260,7 @@ def probe(
             "faults act on the merged weights a LoRA model deploys (quantizing W and B A apart is not quantizing "
             "W + s B A): probe model.merge_and_unload() for fault rows"
         )
+    given_model, given_params = model, params
     model, params = probe_target(model, params)
     with preserved(model) as snapshot:
         model.eval()
@@ -276,7 +339,7 @@ def probe(
         trials=trials,
         seed=seed,
         num_batches=len(batches),
-        params_probed=sum(t.numel() for t in named.values()),
+        **_coverage(given_model, model, given_params, named, groups),
         dtype=str(next(iter(named.values())).dtype).removeprefix("torch."),
         torch=torch.__version__,
         python=platform.python_version(),
