@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         callbacks=callbacks,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # the saved model decodes as the recipe scores it: generate() and acr-probe --metric bleu take these defaults
+    model.generation_config.update(
+        num_beams=training_args.generation_num_beams, max_length=training_args.generation_max_length
+    )
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

@@ -391,6 +391,9 @@ def test_de_en_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     assert "***** eval metrics *****" not in printed  # the summary shows them; eval_results.json holds them all
     assert json.loads((out / "robustness_results.json").read_text()) == {"robustness": results["robustness"]}
     assert "robustness" not in json.loads((out / "eval_results.json").read_text())
+    # the saved model decodes as the recipe scored it (acr-probe --metric bleu takes these defaults)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["num_beams"], generation["max_length"]) == (4, 8)  # the default beams, --generation_max_length 8
     assert "Under gradient-based parameter corruption (L2 norm eps, all parameters)" in printed
     assert "eps = 2" in printed and "loss increase" in printed
     assert "Under real-world faults of the weights:" in printed and "50% magnitude pruning" in printed
