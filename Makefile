@@ -15,11 +15,13 @@ install: $(VENV)/.installed
 
 # The CPU wheel of torch first, where the machine has it, so that the torch requirement of the
 # package does not pull a multi-GB CUDA build onto a CPU-only box; any torch already there is kept.
-$(VENV)/.installed: pyproject.toml
+# lab/ (the experiments' and benchmarks' package, lab/pyproject.toml) is installed beside it, never in its wheel.
+$(VENV)/.installed: pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0 || $(BIN)/pip install --quiet torch
 	$(BIN)/pip install --quiet -e ".[hf,test,docs,trl]"
+	$(BIN)/pip install --quiet -e ./lab
 	touch $@
 
 # The launch settings spelled out (accelerate warns about each one it defaults) and -q: a failing run ends with
@@ -58,4 +60,4 @@ $(QUANT_VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test-quant: $(QUANT_VENV)/.installed
-	$(QUANT_VENV)/bin/python -m pytest -q tests/test_faults.py -k torchao
+	$(QUANT_VENV)/bin/python -m pytest -q tests/test_faults.py tests/test_fault_sets.py -k torchao

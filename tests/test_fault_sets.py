@@ -255,3 +255,18 @@ def test_a_non_contiguous_weight_is_corrupted_as_its_contiguous_copy():
     assert not w.is_contiguous()
     for spec in ("int4:g8", "bf16"):
         assert torch.equal(corrupt(spec, "worst", w, g), corrupt(spec, "worst", w.contiguous(), g))
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, 64), (4, 32), (3, 16), (2, 64)])
+def test_actual_mode_is_torchao_qat_fake_quantization_for_float32_weights(bits, group):
+    # torchao's QAT fake quantizer (symmetric, per group, float32 scales) is the deployed weight of the fault for
+    # float32 weights; for bf16 weights torchao's QAT keeps float32 scales where its deployment (and the fault) round
+    # them to bf16, so the two differ there by design.
+    qat = pytest.importorskip("torchao.quantization.qat")
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    w[1] *= 1e-4
+    config = qat.IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), group_size=group, is_symmetric=True)
+    expected = IntxFakeQuantizer(config)(w)
+    assert torch.equal(corrupt(f"int{bits}:g{group}", "actual", w, torch.randn_like(w)), expected)
