@@ -23,7 +23,9 @@ The fault applies to the tensors it targets (weight matrices; every tensor with 
 corrupted values are written as the fault produces them, bit for bit (for flips of the sign or
 exponent ``w + (w' - w)`` may miss ``w'``), and the backup restores ``w`` exactly.  Flips of the
 sign or exponent of float storage can make a weight inf or NaN; such a step is skipped as any
-non-finite step: train against flips in ``int8`` storage or of ``mantissa`` bits.
+non-finite step: train against flips in ``int8`` storage or of ``mantissa`` bits.  Random draws
+(``random``, and flips in ``actual``) use torch's global generator on the parameters' device: under
+DDP each process draws its own unless all are seeded alike.
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ class FaultSet:
         return self.fault.kind in _BOXES and self.mode != "actual"
 
     def check(self, params: list[Tensor], where: str) -> None:
-        """Refuse parameters the fault cannot apply to (a group size that does not divide a row), naming them."""
+        """Refuse parameters the fault cannot apply to (complex ones, a group size that does not divide a row),
+        naming them."""
+        for i, p in enumerate(params):
+            if self.fault.targets(p) and not p.is_floating_point():
+                raise ValueError(
+                    f"fault {self.fault.name!r} applies to real floating-point weights; parameter {i} in {where} is "
+                    f"{p.dtype}: put it in a param group without acr_fault"
+                )
         group = self.fault.settings.get("granularity")
         if self.fault.kind != "quantize" or not isinstance(group, int):
             return

@@ -234,6 +234,12 @@ def test_bad_fault_settings_stop_with_one_error_naming_the_argument(kwargs, mess
         ACR(torch.optim.SGD(model().parameters(), lr=0.1), **kwargs)
 
 
+def test_complex_parameters_are_refused_by_a_fault_by_name():
+    weights = [nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))]
+    with pytest.raises(ValueError, match="parameter 1 in param group 0 is torch.complex64"):
+        ACR(torch.optim.SGD(weights, lr=0.1), fault="int8")
+
+
 def test_a_non_finite_clean_gradient_skips_the_step():
     net = model()
     acr = ACR(torch.optim.SGD(net.parameters(), lr=0.1), fault="int4:g8")
