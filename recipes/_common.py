@@ -112,7 +112,8 @@ class ACRArguments:
     """The ACR optimizer the recipes train with (around AdamW): one section of the recipes' ``--help``."""
 
     _argument_group_name: ClassVar[str] = (
-        "ACR (training minimises (1 - alpha) L(w) + alpha L(w + a), a the worst corruption with ||a||_p = eps)"
+        "ACR (training minimises (1 - alpha) L(w) + alpha L(w + a), a the worst corruption with ||a||_p = eps, "
+        "or drawn from the error set of --acr_fault)"
     )
 
     acr_eps: float = field(

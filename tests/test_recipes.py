@@ -119,7 +119,9 @@ def test_help_gives_the_recipes_own_options_titled_sections(monkeypatch, capsys)
             "--dataset_name", "--dataset_config_name", "--train_file", "--validation_file", "--test_file",
             "--max_train_samples", "--max_eval_samples", "--max_predict_samples", "--validation_split_percentage"],
         ("ACR (training minimises (1 - alpha) L(w) + alpha L(w + a), a the worst corruption with "
-         "||a||_p = eps)"): ["--acr_eps", "--acr_p", "--acr_alpha", "--acr_n", "--no_acr"],
+         "||a||_p = eps, or drawn from the error set of --acr_fault)"): [
+            "--acr_eps", "--acr_p", "--acr_alpha", "--acr_n", "--acr_fault", "--acr_fault_mode", "--acr_fault_radius",
+            "--no_acr"],
         ("robustness evaluation of the final model (validation set): gradient-based corruption and real-world "
          "faults"): ["--corruption_eval_eps", "--corruption_eval_p", "--corruption_eval_n", "--corruption_eval_faults"],
     }  # fmt: skip
