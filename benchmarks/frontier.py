@@ -48,10 +48,11 @@ from transformers import get_linear_schedule_with_warmup
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import _shared as S
-from records import commit_record, fill_section, load_records, read_record, record_path, write_record
 
 from acr_optim import ACR
 from acr_optim.probe import probe
+from lab import docs, stats
+from lab.records import commit_record, load_records, read_record, record_path, write_record
 
 BENCHMARK = "frontier"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -311,7 +312,7 @@ def points(records: list[dict[str, Any]]) -> list[Point]:
                 seconds=statistics.fmean(r["train_seconds"] for r in runs),
                 loss=statistics.fmean(r["loss"] for r in runs),
                 metric=statistics.fmean(r["metric_value"] for r in runs),
-                delta={lab: S.mean_std(v) for lab, v in deltas.items()},
+                delta={lab: stats.mean_std(v) for lab, v in deltas.items()},
                 by_seed={
                     "loss": {r["seed"]: r["loss"] for r in runs},
                     **{lab: dict(zip((r["seed"] for r in runs), v)) for lab, v in deltas.items()},
@@ -387,15 +388,9 @@ def verdicts(found: list[Point], robustness: str) -> list[str]:
 def paired(a: dict[int, float], b: dict[int, float], margin: float = 0.005) -> tuple[str, bool]:
     """``a - b`` over the common seeds as ``mean ± half-width of the 95% t interval``, and whether the interval's upper
     end is within ``margin`` of ``b``'s mean (``a`` no worse than ``b`` beyond the seed-to-seed noise)."""
-    from scipy.stats import t
-
     seeds = sorted(a.keys() & b.keys())
-    diffs = [a[s] - b[s] for s in seeds]
-    mean = statistics.fmean(diffs)
-    half = math.inf  # one seed resolves nothing
-    if len(diffs) > 1:
-        half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f"{mean:+.3f} ± {half:.3f}", mean + half <= margin * abs(statistics.fmean(b[s] for s in seeds))
+    mean, half = stats.t_interval([a[s] - b[s] for s in seeds])
+    return docs.interval(mean, half, ".3f"), mean + half <= margin * abs(statistics.fmean(b[s] for s in seeds))
 
 
 def dominance(found: list[Point], robustness: str) -> list[str]:
@@ -561,7 +556,7 @@ def main(argv: list[str] | None = None) -> Any:
         section = summarize(args)
         print(section)
         if args.write_docs:
-            README.write_text(fill_section(README.read_text(), BENCHMARK, section))
+            README.write_text(docs.fill(README.read_text(), {BENCHMARK: section}))
         return section
     S.setup(args)
     return run_all(args)

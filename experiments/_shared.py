@@ -16,7 +16,6 @@ import csv
 import hashlib
 import itertools
 import json
-import math
 import platform
 import statistics
 import sys
@@ -44,13 +43,13 @@ sys.path.insert(0, str(REPO / "recipes"))
 from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
 from de_en import TINY_MARIAN, fit_to_tokenizer, seq2seq_from_config
 from lm import TINY_GPT2
-from records import RESULTS, read_record, record_path, write_record
 
 from acr_optim import ACR
 from acr_optim.corruption import check_eps, check_n
 from acr_optim.data import load_parallel
 from acr_optim.optimizer import check_alpha
 from acr_optim.probe.metrics import bleu, perplexity
+from lab.records import RESULTS, read_record, record_path, write_record
 
 TASKS = ("de_en", "lm")
 MODEL_SETTINGS = ("width", "layers", "vocab", "max_train", "eval_size", "block_size")
@@ -483,15 +482,6 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str, allow_nan=True) + "\n")
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value); ``inf`` stays ``inf``."""
-    values = list(values)
-    mean = statistics.fmean(values)
-    if len(values) < 2 or not all(math.isfinite(v) for v in values):
-        return mean, 0.0 if len(values) < 2 else math.nan
-    return mean, statistics.stdev(values)
 
 
 def setup(args: argparse.Namespace) -> None:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 
 from acr_optim.probe import probe
+from lab import stats
 
 
 def evaluate(task: S.Task, model: Any, eval_eps: list[float]) -> list[dict[str, Any]]:
@@ -73,9 +74,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         grouped[r["task"], r["recipe"], r["steps"], r["eps"]].append(r)
     out = []
     for (task, recipe, steps, eps), runs in grouped.items():
-        metric_mean, metric_std = S.mean_std([r["metric_value"] for r in runs])
-        delta_mean, delta_std = S.mean_std([r["delta_loss"] for r in runs])
-        time_mean, _ = S.mean_std([r["train_seconds"] for r in runs])
+        metric_mean, metric_std = stats.mean_std([r["metric_value"] for r in runs])
+        delta_mean, delta_std = stats.mean_std([r["delta_loss"] for r in runs])
+        time_mean, _ = stats.mean_std([r["train_seconds"] for r in runs])
         out.append(
             {
                 "task": task,

@@ -61,7 +61,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
 from de_en import seq2seq_from_config
-from records import (
+from where_fragile import fragility_rows, paper_view
+
+from acr_optim import ACR
+from acr_optim.data import load_parallel
+from acr_optim.probe import probe
+from acr_optim.probe.metrics import MetricFn, bleu, perplexity
+from lab.records import (
     chosen_eps,
     claim,
     commit_record,
@@ -71,12 +77,6 @@ from records import (
     write_atomically,
     write_record,
 )
-from where_fragile import fragility_rows, paper_view
-
-from acr_optim import ACR
-from acr_optim.data import load_parallel
-from acr_optim.probe import probe
-from acr_optim.probe.metrics import MetricFn, bleu, perplexity
 
 FINDING = "converged"
 FAMILIES = ("lstm", "gpt2", "marian")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 
 from acr_optim.probe import probe
+from lab import stats
 
 FINDING = "gradient_vs_random"
 DEFAULT_EPS = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
@@ -50,8 +51,8 @@ def corruption_rows(task: S.Task, model: Any, args: Any) -> list[dict[str, Any]]
             grouped[row["method"], row["n"], row["eps"]].append(row)
     rows = []
     for (method, n, eps), draws in grouped.items():
-        metric_mean, metric_std = S.mean_std([r[task.metric] for r in draws])
-        delta_mean, delta_std = S.mean_std([r["delta_loss"] for r in draws])
+        metric_mean, metric_std = stats.mean_std([r[task.metric] for r in draws])
+        delta_mean, delta_std = stats.mean_std([r["delta_loss"] for r in draws])
         rows.append(
             {
                 "task": task.name,
@@ -66,7 +67,7 @@ def corruption_rows(task: S.Task, model: Any, args: Any) -> list[dict[str, Any]]
                 "loss_clean": draws[0]["loss_clean"],
                 "delta_loss_mean": delta_mean,
                 "delta_loss_std": delta_std,
-                "first_order_mean": S.mean_std([r["first_order"] for r in draws])[0],
+                "first_order_mean": stats.mean_std([r["first_order"] for r in draws])[0],
                 "params_probed": draws[0]["num_params"],
             }
         )

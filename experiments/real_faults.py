@@ -16,8 +16,8 @@ draws) and, for reference, the gradient corruption (paper Eq. 10, L2, whole mode
 ``--eval-eps``.  Every finished (method, seed) writes
 ``--results/real_faults/<task>/<run id>.json`` and a run whose record exists is skipped, so the
 script resumes where it stopped.  ``--summarize`` builds the finding-4 tables and figure from the
-records alone and, with ``--write-docs``, puts them into docs/results.md between the
-``real_faults`` markers::
+records alone and, with ``--write-docs``, puts them into docs/results.md's generated section
+``real_faults`` (:mod:`lab.docs`)::
 
     OMP_NUM_THREADS=1 python experiments/real_faults.py --threads 1
     python experiments/real_faults.py --summarize --write-docs
@@ -41,12 +41,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared as S
 from converged import Method, final_methods
-from records import docs_section as marked_section
-from records import fill_section, load_records, markers, record_path, write_record
 from summarize import MODEL
 
 from acr_optim import ACR
 from acr_optim.probe import probe
+from lab import docs, stats
+from lab.records import load_records, record_path, write_record
 
 FINDING = "real_faults"
 FAULTS = (
@@ -68,7 +68,6 @@ FAULTS = (
 LABELS = {"adamw": "AdamW", "acr": "ACR", "acr_inf": "ACR p=inf", "sam": "SAM"}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 FIGURE = DOCS.parent / "images" / "results" / "lm_real_faults.png"
-BEGIN, END = markers(FINDING)
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -172,27 +171,19 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _cell(values: list[float], fmt: str) -> str:
     """``mean ± std`` over seeds (the mean alone for one seed; ``broken`` where a seed's loss is infinite)."""
-    if not all(math.isfinite(v) for v in values):
-        return "broken"
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return docs.mean_std(values, fmt) if all(math.isfinite(v) for v in values) else "broken"
 
 
 def paired(diffs: list[float], fmt: str, base: float | None = None) -> str:
     """Mean of per-seed differences with the half-width of its 95% t interval; bold when it excludes 0; with ``base``
     (AdamW's mean), the mean difference relative to it."""
-    from scipy.stats import t
-
     if not all(math.isfinite(d) for d in diffs):
         return "broken"
-    mean = statistics.fmean(diffs)
+    mean, half = stats.t_interval(diffs)
     relative = "" if base is None else f" ({100 * mean / base:+.0f} %)"
     if len(diffs) < 2:
         return f"{format(mean, '+' + fmt)} (1 seed){relative}"
-    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    text = f"{format(mean, '+' + fmt)} ± {format(half, fmt)}"
+    text = docs.interval(mean, half, fmt)
     return (f"**{text}**" if abs(mean) > half else text) + relative
 
 
@@ -247,18 +238,12 @@ def _delta_diffs(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[fl
 def holm(records: list[dict[str, Any]], level: float = 0.05) -> str:
     """How many of the paired ΔL comparisons (every finite corruption row and method) a paired t-test keeps after
     Holm's correction for their number, at ``level``."""
-    from scipy.stats import ttest_1samp
-
     tests = sorted(
-        (ttest_1samp(diffs, 0.0).pvalue, name, m)
+        (stats.t_test(diffs), name, m)
         for (name, m), diffs in _delta_diffs(records).items()
         if len(diffs) > 1 and all(math.isfinite(d) for d in diffs)
     )
-    kept = []
-    for i, (p, name, m) in enumerate(tests):
-        if p > level / (len(tests) - i):
-            break
-        kept.append(f"{LABELS[m]} at {name}")
+    kept = [f"{LABELS[m]} at {name}" for _, name, m in tests[: stats.holm([p for p, _, _ in tests], level)]]
     return (
         f"Over the {len(tests)} ΔL comparisons of this table (paired t-tests), the smallest p-value is "
         f"{tests[0][0]:.2g}; Holm's correction for their number at {level:.0%} keeps {len(kept)}"
@@ -344,18 +329,6 @@ def section(records: list[dict[str, Any]]) -> str:
     )
 
 
-def fill_docs(text: str, generated: str) -> str:
-    """``text`` with the body between the real_faults markers replaced (a Finding 4 section appended if absent)."""
-    if BEGIN not in text:
-        return f"{text.rstrip()}\n\n## Finding 4: ACR and real faults\n\n{BEGIN}\n{generated}\n{END}\n"
-    return fill_section(text, FINDING, generated)
-
-
-def docs_section(text: str) -> str:
-    """The body between the real_faults markers of a markdown text."""
-    return marked_section(text, FINDING)
-
-
 def summarize(args: argparse.Namespace) -> str:
     records = load_records(FINDING, args.results)
     records = [r for r in records if r["task"] == "lm"]
@@ -363,7 +336,7 @@ def summarize(args: argparse.Namespace) -> str:
         raise SystemExit(f"no {FINDING} records under {args.results}")
     generated = section(records)
     if args.write_docs:
-        DOCS.write_text(fill_docs(DOCS.read_text(), generated))
+        DOCS.write_text(docs.fill(DOCS.read_text(), {FINDING: generated}))
         plot(records, FIGURE)
     else:
         print(generated)

@@ -4,7 +4,7 @@
     python experiments/summarize.py               # print every table
     python experiments/summarize.py --write-docs  # rewrite them in docs/results.md, and redraw the figures
 
-In the markdown a generated table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``;
+In the markdown a generated table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` (:mod:`lab.docs`);
 ``--write-docs`` replaces what is between the markers and nothing else, and
 tests/test_experiments_records.py checks that the committed page is what this prints.
 """
@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import RESULTS, chosen_eps, load_records
+from lab import docs, stats
+from lab.records import RESULTS, chosen_eps, load_records
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 FIGURES = DOCS.parent / "images" / "results"
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
 MODEL = {"de_en": "Marian", "lm": "GPT-2"}
 FINAL_METHODS = ("adamw", "acr", "acr_inf", "sam", "adamw_2x")
 VIEW = {
@@ -175,11 +172,6 @@ def _at(scores: dict[str, Any], eps: float) -> dict[str, Any]:
     return next(c for c in scores["corrupted"] if c["eps"] == eps)
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f}" if len(values) < 2 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def _label(record: dict[str, Any]) -> str:
     m = record["settings"]["method"]
     if m["eps"] is None:
@@ -237,25 +229,18 @@ def converged_sweep(records: list[dict[str, Any]], family: str) -> str | None:
 def _paired(diffs: list[float], digits: int) -> str:
     """Mean paired difference with the half-width of its 95% t-interval, and how many differences are above and below
     0."""
-    from scipy.stats import t
-
     if not diffs:
         return "-"
     if len(diffs) == 1:
         return f"{diffs[0]:+.{digits}f} (1 seed)"
-    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     signs = f"{sum(d > 0 for d in diffs)} +, {sum(d < 0 for d in diffs)} -"
-    return f"{statistics.fmean(diffs):+.{digits}f} ± {half:.{digits}f} ({len(diffs)} seeds: {signs})"
+    return f"{docs.interval(*stats.t_interval(diffs), f'.{digits}f')} ({len(diffs)} seeds: {signs})"
 
 
 def _welch(runs: list[float], base: list[float], digits: int) -> str:
     """Unpaired: the difference of the two means with the half-width of its 95% Welch interval, and Welch's p-value."""
-    from scipy.stats import ttest_ind
-
-    test = ttest_ind(runs, base, equal_var=False)
-    ci = test.confidence_interval()
-    diff = statistics.fmean(runs) - statistics.fmean(base)
-    return f"{diff:+.{digits}f} ± {(ci.high - ci.low) / 2:.{digits}f} (p {test.pvalue:.2g})"
+    diff, half, p = stats.welch(runs, base)
+    return f"{docs.interval(diff, half, f'.{digits}f')} (p {p:.2g})"
 
 
 def _l2_eps(record: dict[str, Any]) -> float:
@@ -341,10 +326,10 @@ def converged_final(records: list[dict[str, Any]], family: str) -> str | None:
         cells = [
             _label(runs[0]),
             str(len(runs)),
-            _mean_std([r["best_step"] for r in runs], 0),
-            _mean_std([clean(r) for r in runs]),
-            *(_mean_std([_at(r["test"], e)[metric] for r in runs]) for e in grid),
-            _mean_std([_delta(r) for r in runs], 4),
+            docs.mean_std([r["best_step"] for r in runs], ".0f"),
+            docs.mean_std([clean(r) for r in runs], ".2f"),
+            *(docs.mean_std([_at(r["test"], e)[metric] for r in runs], ".2f") for e in grid),
+            docs.mean_std([_delta(r) for r in runs], ".4f"),
             paired(clean, True, 2),
             *([paired(clean, False, 2)] if two_devices else []),
             unpaired(clean, 2),
@@ -408,9 +393,8 @@ def converged_fragile(records: list[dict[str, Any]], family: str) -> str | None:
         for row in first
     ]
     title = f"{family}, AdamW at convergence (held-out ΔL, mean of {len(runs)} run{'s' * (len(runs) > 1)})"
-    return "\n".join(
-        [*_paper_lines(mean, "type", title), "", *_norm_per_run(runs, family), "", *_paper_lines(mean, "layer", title)]
-    )
+    norm = [*_norm_per_run(runs, family), ""] if any(row["group"] == "norm" for row in first) else []  # LSTM: none
+    return "\n".join([*_paper_lines(mean, "type", title), "", *norm, *_paper_lines(mean, "layer", title)])
 
 
 def _norm_per_run(runs: list[dict[str, Any]], family: str) -> list[str]:
@@ -470,20 +454,17 @@ def tables(root: Path = RESULTS) -> dict[str, str]:
 
 
 def fill_docs(text: str, generated: dict[str, str]) -> str:
-    """``text`` with the body of every marked table replaced by ``generated[name]``."""
-
-    def body(match: re.Match[str]) -> str:
-        name = match["name"]
-        if name not in generated:
-            raise KeyError(f"docs table {name!r}: no records make it (known: {sorted(generated)})")
-        return f"{match[1]}{generated[name]}\n{match[4]}"
-
-    return BLOCK.sub(body, text)
+    """``text`` with the body of every table of :data:`TABLES` replaced by ``generated[name]``; a table of the page
+    that no records make is an error."""
+    stale = {name for name in docs.sections(text) if name in TABLES} - set(generated)
+    if stale:
+        raise KeyError(f"docs tables {sorted(stale)}: no records make them (known: {sorted(generated)})")
+    return docs.fill(text, generated)
 
 
 def docs_tables(text: str) -> dict[str, str]:
-    """The marked tables of a markdown text, by name (bodies without the final newline)."""
-    return {m["name"]: m["body"].removesuffix("\n") for m in BLOCK.finditer(text)}
+    """The tables of :data:`TABLES` on a markdown text, by name (bodies without the final newline)."""
+    return {name: body for name, body in docs.sections(text).items() if name in TABLES}
 
 
 def converged_plot(records: list[dict[str, Any]], family: str, path: Path) -> None:
@@ -582,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             print(path)
     else:
         for name, table in generated.items():
-            print(f"<!-- table:{name} -->\n{table}\n<!-- /table -->\n")
+            print(f"{docs.block(name, table)}\n")
     return generated
 
 

@@ -3,7 +3,7 @@
 #
 #   experiments/workers.sh WORKERS SECONDS LOGS [converged.py arguments ...]
 #
-# Workers split the plan by the runs' claims (experiments/records.py), each writing its log to LOGS/worker-<i>.log.
+# Workers split the plan by the runs' claims (lab/records.py), each writing its log to LOGS/worker-<i>.log.
 # At the deadline the runs still going are stopped; each keeps the training state of its last evaluation under
 # --cache, and the same command resumes it.  Prints the records written and, for each worker whose last line is not
 # one, that line (where its run got to, or why it failed).

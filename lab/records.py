@@ -5,6 +5,7 @@ was (task, recipe and all its settings, seed) and what came out (steps, epochs, 
 step, wall seconds, clean and corrupted metrics); never model weights.  Runners skip a run whose
 record exists, so an interrupted batch of runs resumes where it stopped, and
 ``experiments/summarize.py`` builds the tables of docs/results.md from the records alone.
+Benchmarks keep theirs under ``benchmarks/results/`` (pass ``root``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 
 
 def record_path(finding: str, task: str, run_id: str, root: Path = RESULTS) -> Path:
+    """Where the record of run ``run_id`` of ``finding`` on ``task`` lives under ``root``."""
     return root / finding / task / f"{run_id}.json"
 
 
@@ -94,25 +96,8 @@ def commit_record(path: Path, finding: str) -> None:
     print(f"  could not commit {path}", flush=True)
 
 
-def markers(name: str) -> tuple[str, str]:
-    """The HTML comments that delimit the generated section ``name`` of a markdown page."""
-    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-
-
-def docs_section(text: str, name: str) -> str:
-    """The body of the generated section ``name`` of ``text``, without its surrounding newlines."""
-    begin, end = markers(name)
-    return text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
-
-
-def fill_section(text: str, name: str, body: str) -> str:
-    """``text`` with the body of the generated section ``name`` replaced by ``body``."""
-    begin, end = markers(name)
-    head, rest = text.split(begin, 1)
-    return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
-
-
 def read_record(path: Path) -> dict[str, Any]:
+    """The record at ``path``."""
     return json.loads(path.read_text())
 
 

@@ -19,7 +19,8 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import frontier
-from records import docs_section, fill_section, markers
+
+from lab import docs
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +125,11 @@ def test_dominance_counts_the_peers_with_and_without_the_margin_and_resolves_eac
     )
 
 
-def test_fill_replaces_only_the_marked_section():
-    begin, end = markers(frontier.BENCHMARK)
-    text = f"head\n{begin}\nold\n{end}\ntail\n"
-    assert fill_section(text, frontier.BENCHMARK, "new") == f"head\n{begin}\nnew\n{end}\ntail\n"
-
-
 def test_the_readme_section_is_the_summary_of_the_committed_records():
     if not frontier.load_records(frontier.BENCHMARK, frontier.RESULTS):
         pytest.skip("no frontier records committed yet")
     text = frontier.README.read_text()
-    section = docs_section(text, frontier.BENCHMARK)
-    assert section == frontier.main(["--summarize"]).strip("\n")
+    assert docs.sections(text)[frontier.BENCHMARK] == frontier.main(["--summarize"])
 
 
 def test_a_peer_adamw_dominates_is_off_the_frontier_and_ties_stay_on_it():

@@ -1,7 +1,7 @@
 """The committed run records (experiments/results/) load, and docs/results.md shows what they make.
 
-Every table between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in docs/results.md must be
-exactly what ``experiments/summarize.py`` prints from the records; after new records,
+Every table of ``experiments/summarize.py`` between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in
+docs/results.md must be exactly what it prints from the records; after new records,
 ``python experiments/summarize.py --write-docs`` brings the page up to date.
 """
 
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from lab.records import RESULTS, chosen_eps, load_records
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
 import summarize
-from records import RESULTS, chosen_eps, load_records
 
 COMMON = {"finding", "task", "settings", "seed", "steps", "epochs", "best_step", "train_seconds", "environment"}
 

@@ -77,7 +77,7 @@ def lower(value: float, base: float) -> float:
 
 # -- the tables --------------------------------------------------------------------------------------------------------
 
-FAULTS = "<!-- real_faults:begin -->"
+FAULTS = "<!-- table:real_faults -->"
 FAULT_COLUMN = {m: f"{m} - AdamW: ΔL / perplexity" for m in ("ACR", "ACR p=inf", "SAM")}
 LSTM, GPT2, MARIAN = (f"<!-- table:converged-{f} -->" for f in ("lstm", "gpt2", "marian"))
 LSTM_RUNS = "<!-- table:converged-lstm-runs -->"

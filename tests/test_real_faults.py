@@ -1,6 +1,6 @@
 """Finding 4's committed records (experiments/results/real_faults/) load, and docs/results.md shows what they make.
 
-The section between ``<!-- real_faults:begin -->`` and ``<!-- real_faults:end -->`` must be exactly
+The section between ``<!-- table:real_faults -->`` and ``<!-- /table -->`` must be exactly
 what ``experiments/real_faults.py --summarize`` builds from the records; after new records,
 ``python experiments/real_faults.py --summarize --write-docs`` brings the page up to date.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lab import docs
+from lab.records import load_records
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
 import real_faults
-from records import load_records
 
 
 def test_records_hold_every_fault_row():
@@ -32,12 +34,4 @@ def test_records_hold_every_fault_row():
 
 def test_docs_section_is_what_summarize_builds():
     records = [r for r in load_records(real_faults.FINDING) if r["task"] == "lm"]
-    assert real_faults.docs_section(real_faults.DOCS.read_text()) == real_faults.section(records)
-
-
-def test_fill_docs_appends_then_replaces():
-    text = real_faults.fill_docs("# Results\n", "old")
-    assert text.endswith(f"{real_faults.BEGIN}\nold\n{real_faults.END}\n")
-    again = real_faults.fill_docs(text + "\n## Later\n", "new")
-    assert real_faults.docs_section(again) == "new"
-    assert again.endswith("\n## Later\n")
+    assert docs.sections(real_faults.DOCS.read_text())[real_faults.FINDING] == real_faults.section(records)
