@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checks import check_eps, check_n, check_p
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -53,37 +55,6 @@ INF = math.inf
 
 class NonFiniteGradientError(ValueError):
     """The vector a corruption is built from contains inf or NaN."""
-
-
-def check_eps(eps: float, *, allow_zero: bool = False, name: str = "eps") -> float:
-    """Return ``eps`` as a float, or raise ``ValueError`` unless it is finite and > 0 (>= 0 if allowed)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(eps).__name__}")
-    lower_ok = eps >= 0 if allow_zero else eps > 0
-    if not (math.isfinite(eps) and lower_ok):
-        allowed = "finite and >= 0" if allow_zero else "finite and > 0"
-        raise ValueError(f"{name} must be {allowed}, got {eps!r}")
-    return float(eps)
-
-
-def check_p(p: float, name: str = "p") -> float:
-    """Return ``p`` as a float, or raise ``ValueError`` unless ``1 <= p <= inf``."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"{name} must be a real number in [1, inf], got {type(p).__name__}")
-    if math.isnan(p) or p < 1:
-        raise ValueError(f"{name} must satisfy 1 <= {name} <= inf, got {p!r}")
-    return float(p)
-
-
-def check_n(n: int | None, name: str = "n") -> int | None:
-    """Return ``n``, or raise unless it is None (no L0 limit) or a positive int."""
-    if n is None:
-        return None
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"{name} must be a positive int or None, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"{name} must be a positive int (>= 1) or None, got {n!r}")
-    return n
 
 
 def dual_exponent(p: float) -> float:

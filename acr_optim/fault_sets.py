@@ -38,6 +38,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from .checks import check_eps
 from .faults import Fault, cast_step, parse_fault, quantization_blocks, quantization_scale
 
 __all__ = ["FAULT_MODES", "FaultSet", "fault_set"]
@@ -156,8 +157,7 @@ def fault_set(spec: str, mode: str = "worst", radius: float = 1.0) -> FaultSet:
     fault = parse_fault(spec)
     if mode not in FAULT_MODES:
         raise ValueError(f"fault_mode must be one of {', '.join(map(repr, FAULT_MODES))}, got {mode!r}")
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (radius > 0 and math.isfinite(radius)):
-        raise ValueError(f"fault_radius must be a finite number > 0, got {radius!r}")
+    check_eps(radius, name="fault_radius")
     if radius != 1 and (fault.kind not in _BOXES or mode == "actual"):
         raise ValueError(
             f"fault_radius scales the half-step box of quantization and cast faults in fault_mode 'worst' or "

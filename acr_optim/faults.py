@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checks import check_fraction, check_int
+
 __all__ = [
     "CAST_DTYPES",
     "FORMATS",
@@ -86,27 +88,9 @@ def _check_tensors(tensors: Tensors, name: str = "tensors") -> list[Tensor]:
     return [t.detach() for t in tensors]
 
 
-def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def _check_fraction(value: Any, name: str, closed: bool) -> float:
-    """A real number in [0, 1] (``closed``) or [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (0 <= value <= 1 if closed else 0 <= value < 1):
-        raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
-    return float(value)
-
-
 def check_bits(bits: int) -> int:
     """Return ``bits``, or raise unless it is an int in 2..8 (the quantization width)."""
-    return _check_int(bits, "bits", 2, 8)
+    return check_int(bits, "bits", 2, 8)
 
 
 def check_granularity(granularity: str | int) -> str | int:
@@ -140,8 +124,8 @@ def check_rate_count(rate: float | None, count: int | None) -> tuple[float | Non
     if (rate is None) == (count is None):
         raise ValueError("give exactly one of rate (flip probability per bit) and count (number of flips)")
     if rate is not None:
-        return _check_fraction(rate, "rate", closed=True), None
-    return None, _check_int(count, "count", 0)
+        return check_fraction(rate, "rate", closed=True), None
+    return None, check_int(count, "count", 0)
 
 
 # -- quantization and casts ----------------------------------------------------------------------
@@ -604,7 +588,7 @@ def worst_bit_flips(
     tensors, grads = _check_tensors(tensors), _check_tensors(grads, "grads")
     if [g.shape for g in grads] != [w.shape for w in tensors]:
         raise ValueError("grads must have the shapes of tensors")
-    count, format = _check_int(count, "count", 0), check_format(format)
+    count, format = check_int(count, "count", 0), check_format(format)
     return _deltas(tensors, _worst_flipped(tensors, grads, count, bits, format))
 
 
@@ -685,7 +669,7 @@ def pruning_error(tensors: Tensors, sparsity: float, scope: str = "global") -> l
     flat index (in the order of ``tensors``); NaN counts as the largest magnitude.
     """
     tensors = _check_tensors(tensors)
-    sparsity = _check_fraction(sparsity, "sparsity", closed=False)
+    sparsity = check_fraction(sparsity, "sparsity", closed=False)
     if scope not in ("global", "tensor"):
         raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
     return _deltas(tensors, _pruned(tensors, sparsity, scope))

@@ -15,7 +15,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .corruption import check_eps, check_n, check_p
+from .checks import check_eps, check_n, check_p
 
 __all__ = ["DEFAULT_TEMPLATE", "significant", "write_model_card"]
 

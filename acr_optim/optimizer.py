@@ -15,27 +15,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .buffers import BufferSnapshot
+from .checks import check_alpha, check_eps, check_n, check_p
 from .corruption import (
     LpCorruption,
     NonFiniteGradientError,
-    check_eps,
-    check_n,
-    check_p,
     gather,
     support,
 )
 from .fault_sets import FaultSet, fault_set
 
-__all__ = ["ACR", "check_alpha"]
-
-
-def check_alpha(alpha: float, name: str = "alpha") -> float:
-    """Return ``alpha`` as a float, or raise ``ValueError`` unless ``0 <= alpha <= 1``."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {type(alpha).__name__}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"{name} must satisfy 0 <= {name} <= 1, got {alpha!r}")
-    return float(alpha)
+__all__ = ["ACR"]
 
 
 def _is_dtensor(t: Tensor) -> bool:

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .corruption import check_eps, first_order_gain
+from .checks import check_eps
+from .corruption import first_order_gain
 
 __all__ = ["penalized_loss"]
 

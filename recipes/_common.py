@@ -29,14 +29,13 @@ from transformers import (
 )
 
 from acr_optim import ACR
-from acr_optim.corruption import check_eps, check_n, check_p
+from acr_optim.checks import check_alpha, check_eps, check_n, check_p
 from acr_optim.data import check_local_path, load_files
 from acr_optim.errors import UsageError
 from acr_optim.fault_sets import fault_set
 from acr_optim.faults import parse_fault
 from acr_optim.hub import write_model_card
 from acr_optim.integrations.hf import ACRCallback
-from acr_optim.optimizer import check_alpha
 from acr_optim.probe import probe
 
 RECIPES = Path(__file__).resolve().parent

@@ -217,7 +217,7 @@ def test_param_groups_may_carry_their_own_fault_and_lp_stays_the_default():
         ({"fault": "int9"}, "bits must be in 2..8"),
         ({"fault": "zap"}, "unknown fault 'zap'"),
         ({"fault": "int4", "fault_mode": "best"}, "fault_mode must be one of 'worst', 'actual', 'random'"),
-        ({"fault": "int4", "fault_radius": 0}, "fault_radius must be a finite number > 0"),
+        ({"fault": "int4", "fault_radius": 0}, "fault_radius must be finite and > 0"),
         ({"fault": "flips:3:int8", "fault_radius": 0.5}, "fault_radius scales the half-step box"),
         ({"fault": "int4", "fault_mode": "actual", "fault_radius": 2}, "with fault 'int4' and fault_mode 'actual'"),
         ({"fault": "flip:1e-3:int8"}, "name a count"),

@@ -36,7 +36,7 @@ from transformers import (
 
 from acr_optim import ACR
 from acr_optim.integrations.hf import ACRCallback
-from acr_optim.integrations.models import fixed_parameter_names
+from acr_optim.probe.merged import fixed_parameter_names
 from acr_optim.integrations.peft import merged_parameters
 from acr_optim.probe import probe
 

@@ -224,8 +224,8 @@ def test_half_precision_corruption_below_resolution_warns():
         ({"eps": 0.1, "method": "adam"}, ValueError, "method must be one of"),
         ({"eps": 0.1, "p": 0.5}, ValueError, "p must satisfy 1 <= p"),
         ({"eps": 0.1, "n": 0}, ValueError, "n must be a positive int"),
-        ({"eps": 0.1, "trials": 0}, ValueError, "trials must be an int >= 1"),
-        ({"eps": 0.1, "steps": -1}, ValueError, "steps must be an int >= 0"),
+        ({"eps": 0.1, "trials": 0}, ValueError, "trials must be >= 1"),
+        ({"eps": 0.1, "steps": -1}, ValueError, "steps must be >= 0"),
         ({"eps": 0.1, "params": ["missing"]}, ValueError, "params must name parameters"),
     ],
 )

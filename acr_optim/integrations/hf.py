@@ -95,9 +95,9 @@ from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..buffers import preserved_buffers
-from ..corruption import check_eps, check_n, check_p
+from ..checks import check_alpha, check_eps, check_n, check_p
 from ..fault_sets import fault_set
-from ..optimizer import ACR, check_alpha
+from ..optimizer import ACR
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "TRAINER_INTERNALS", "ACRCallback"]
 

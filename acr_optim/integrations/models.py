@@ -3,14 +3,13 @@ left newly initialised, and the fixes the corruption maths depends on."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..data import check_local_path
 from ..errors import UsageError
+from ..probe.merged import fixed_parameter_names
 
 TASKS = ("causal-lm", "seq2seq", "classification")
 _AUTO_CLASSES = {
@@ -94,21 +93,6 @@ def load_tokenizer(name: str, what: str = "--tokenizer", **kwargs: Any) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def fixed_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters ``type(model)`` builds frozen (Marian's sinusoidal ``embed_positions``), from
-    a copy built from the config on the meta device (no memory, no weights); empty, with a warning, for
-    classes that cannot be built that way."""
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(model.config)
-    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as err:  # meta-unfriendly classes
-        warnings.warn(
-            f"could not check {type(model).__name__} for fixed parameters made trainable: {err}", stacklevel=3
-        )
-        return set()
-    return {name for name, p in fresh.named_parameters() if not p.requires_grad}
 
 
 def refreeze_fixed_parameters(model: nn.Module) -> list[str]:

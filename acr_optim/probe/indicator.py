@@ -42,19 +42,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..corruption import check_eps, check_n, check_p, dual_exponent, gradient_corruption, random_corruption
-from ..integrations.peft import probe_target
+from ..checks import check_eps, check_int, check_n, check_p
+from ..corruption import dual_exponent, gradient_corruption, random_corruption
+from .merged import probe_target
 
 __all__ = [
     "METHODS",
     "CorruptionResolutionWarning",
     "IndicatorResult",
     "LossFn",
+    "Measurement",
     "MetricFn",
+    "as_batches",
+    "check_indicator_settings",
+    "check_method",
     "corrupted",
     "default_loss",
+    "estimate",
     "estimate_indicator",
+    "lp_norm",
     "preserved",
+    "select_params",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -256,7 +264,7 @@ class IndicatorResult:
         return row
 
 
-class _Context:
+class Measurement:
     """What repeated measurements on one model and batch list share."""
 
     def __init__(
@@ -315,12 +323,13 @@ def _dot(a: Sequence[Tensor], g: Sequence[Tensor]) -> float:
     return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, g)))
 
 
-def _norm(a: Sequence[Tensor], ord: float) -> float:
+def lp_norm(a: Sequence[Tensor], ord: float) -> float:
+    """``||a||_ord`` of a list of tensors as one flat vector, in float64."""
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double(), ord) for t in a]), ord))
 
 
 def _unit(v: list[Tensor], ord: float) -> list[Tensor]:
-    norm = _norm(v, ord)
+    norm = lp_norm(v, ord)
     return v if norm == 0 or not math.isfinite(norm) else [t / norm for t in v]
 
 
@@ -334,7 +343,7 @@ def _dual_point(a: Sequence[Tensor], eps: float, p: float) -> list[Tensor]:
 
 
 def _pgd(
-    ctx: _Context,
+    ctx: Measurement,
     params: Sequence[nn.Parameter],
     a0: list[Tensor],
     eps: float,
@@ -354,7 +363,7 @@ def _pgd(
             ctx.snapshot.restore_data(params)
         if loss > best_loss:
             best, best_loss = a, loss
-        if not math.isfinite(_norm(g, dual)):  # the loss surface broke down here: keep the best so far
+        if not math.isfinite(lp_norm(g, dual)):  # the loss surface broke down here: keep the best so far
             return best
         h = [u + step_size * d for u, d in zip(_dual_point(a, eps, p), _unit(g, dual))]
         a = gradient_corruption(h, eps, p, n)
@@ -363,8 +372,8 @@ def _pgd(
     return best
 
 
-def _estimate(
-    ctx: _Context,
+def estimate(
+    ctx: Measurement,
     params: Sequence[nn.Parameter],
     names: Sequence[str],
     grads: list[Tensor],
@@ -380,6 +389,12 @@ def _estimate(
     steps: int,
     step_size: float,
 ) -> IndicatorResult:
+    """One row of the indicator: the corruption ``method`` draws at ``(eps, p, n)`` measured on ``ctx``.
+
+    ``grads`` is the clean gradient w.r.t. ``params`` (names ``names``); ``random`` averages
+    ``trials`` draws seeded by ``seed``, ``pgd`` ascends ``steps`` times from the gradient point.
+    The building block of :func:`estimate_indicator` and of :func:`~acr_optim.probe.probe`.
+    """
     if method == "random":
         generator = torch.Generator(device=params[0].device).manual_seed(seed)
         draws = [random_corruption(params, eps, p, n, generator=generator) for _ in range(trials)]
@@ -403,7 +418,7 @@ def _estimate(
         delta_loss_std=float(deltas.std(unbiased=False)),
         delta_loss_max=float(deltas.max()),
         first_order=sum(_dot(d, grads) for d in draws) / len(draws),
-        norm=_norm(a, p),
+        norm=lp_norm(a, p),
         l0=sum(int(t.count_nonzero()) for t in a),
         metric_clean=metric_clean,
         metric={k: sum(m[k] for m in metrics) / len(metrics) for k in metric_clean},
@@ -411,7 +426,7 @@ def _estimate(
     )
 
 
-def _select_params(model: nn.Module, params: Iterable[str | nn.Parameter] | None) -> dict[str, nn.Parameter]:
+def select_params(model: nn.Module, params: Iterable[str | nn.Parameter] | None) -> dict[str, nn.Parameter]:
     """Name -> parameter for ``params`` (names or parameters of ``model``; default: all trainable)."""
     named = dict(model.named_parameters())
     if params is None:
@@ -434,24 +449,25 @@ def _select_params(model: nn.Module, params: Iterable[str | nn.Parameter] | None
     return selected
 
 
-def _check_common(p: float, trials: int, steps: int, step_size: float) -> float:
+def check_indicator_settings(p: float, trials: int, steps: int, step_size: float) -> float:
+    """``p`` checked and returned; ``ValueError`` naming the argument for a bad ``trials``, ``steps`` or ``step_size``."""
     p = check_p(p)
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an int >= 1, got {trials!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    check_int(trials, "trials", 1)
+    check_int(steps, "steps", 0)
     check_eps(step_size, name="step_size")
     return p
 
 
-def _as_batches(batches: Iterable[Any]) -> list[Any]:
+def as_batches(batches: Iterable[Any]) -> list[Any]:
+    """``batches`` as a list; ``ValueError`` when it holds none."""
     batches = list(batches)
     if not batches:
         raise ValueError("batches must hold at least one batch")
     return batches
 
 
-def _check_method(method: str) -> str:
+def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`METHODS`, else ``ValueError`` listing them."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return method
@@ -485,20 +501,20 @@ def estimate_indicator(
     A LoRA ``peft`` model is measured as its merged model, without merging
     (:func:`~acr_optim.integrations.peft.probe_target`).
     """
-    eps, n, method = check_eps(eps), check_n(n), _check_method(method)
-    p = _check_common(p, trials, steps, step_size)
-    batches = _as_batches(batches)
+    eps, n, method = check_eps(eps), check_n(n), check_method(method)
+    p = check_indicator_settings(p, trials, steps, step_size)
+    batches = as_batches(batches)
     model, params = probe_target(model, params)
     with preserved(model) as snapshot:
         model.eval()
-        named = _select_params(model, params)
+        named = select_params(model, params)
         tensors = list(named.values())
         for t in tensors:
             t.requires_grad_(True)
-        ctx = _Context(model, batches, loss_fn, metric_fn, snapshot)
+        ctx = Measurement(model, batches, loss_fn, metric_fn, snapshot)
         _, grads = ctx.loss_and_grad(tensors)
         # L(w) is re-measured by the same inference-mode path as every L(w + a), so deltas compare like with like.
-        return _estimate(
+        return estimate(
             ctx,
             tensors,
             list(named),

@@ -11,23 +11,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..corruption import check_eps, check_n
+from ..checks import check_eps, check_n
 from ..faults import Fault, parse_fault
-from ..integrations.peft import is_peft_model, merged_parameters, probe_target
 from .groups import GroupBy, group_parameters
 from .indicator import (
     IndicatorResult,
     LossFn,
+    Measurement,
     MetricFn,
-    _as_batches,
-    _check_common,
-    _check_method,
-    _Context,
-    _estimate,
-    _norm,
-    _select_params,
+    as_batches,
+    check_indicator_settings,
+    check_method,
+    estimate,
+    lp_norm,
     preserved,
+    select_params,
 )
+from .merged import is_peft_model, merged_parameters, probe_target
 from .report import ProbeTable
 
 __all__ = ["probe"]
@@ -65,15 +65,15 @@ def _delta_stats(
     norms, maxima, l0, dot = [], [], 0, 0.0
     for v, w, g in zip(values, tensors, grads):
         d = (v.double() - w.double()).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-        norms.append(_norm([d], p))
-        maxima.append(_norm([d], math.inf))
+        norms.append(lp_norm([d], p))
+        maxima.append(lp_norm([d], math.inf))
         l0 += int((v != w).count_nonzero())
         dot += float(torch.dot(d.reshape(-1), g.reshape(-1).double()))
-    return _norm([torch.tensor(norms)], p), max(maxima), l0, dot
+    return lp_norm([torch.tensor(norms)], p), max(maxima), l0, dot
 
 
 def _fault_row(
-    ctx: _Context,
+    ctx: Measurement,
     fault: Fault,
     params: Sequence[nn.Parameter],
     grads: Sequence[Tensor],
@@ -252,9 +252,9 @@ def probe(
         raise ValueError("eps is required unless faults are given")
     eps_grid = [] if eps is None else _grid(eps, check_eps)
     n_grid = _grid(n, check_n)
-    methods = _grid(method, _check_method) if eps_grid else []
-    p = _check_common(p, trials, steps, step_size)
-    batches = _as_batches(batches)
+    methods = _grid(method, check_method) if eps_grid else []
+    p = check_indicator_settings(p, trials, steps, step_size)
+    batches = as_batches(batches)
     if fault_list and is_peft_model(model):
         raise ValueError(
             "faults act on the merged weights a LoRA model deploys (quantizing W and B A apart is not quantizing "
@@ -264,7 +264,7 @@ def probe(
     model, params = probe_target(model, params)
     with preserved(model) as snapshot:
         model.eval()
-        named = _select_params(model, params)
+        named = select_params(model, params)
         groups = group_parameters(model, by, names=named)
         if not groups:
             raise ValueError("by assigns none of the selected parameters to a group")
@@ -272,7 +272,7 @@ def probe(
             groups = {"all": [name for members in groups.values() for name in members], **groups}
         for t in named.values():
             t.requires_grad_(True)
-        ctx = _Context(model, batches, loss_fn, metric_fn, snapshot)
+        ctx = Measurement(model, batches, loss_fn, metric_fn, snapshot)
         _, grads = ctx.loss_and_grad(list(named.values()))
         grad_of = dict(zip(named, grads))
         input_major = _input_major(model)
@@ -285,7 +285,7 @@ def probe(
                 tensors = [named[k] for k in names]
                 head = {"group": group, "num_params": sum(t.numel() for t in tensors)}
                 for m, n_, e in itertools.product(methods, n_grid, eps_grid):
-                    result: IndicatorResult = _estimate(
+                    result: IndicatorResult = estimate(
                         ctx,
                         tensors,
                         names,
