@@ -34,7 +34,6 @@ import itertools
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,14 +44,10 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-import _shared as S
-
 from acr_optim import ACR
 from acr_optim.probe import probe
-from lab import docs, stats
-from lab.records import commit_record, load_records, read_record, record_path, write_record
+from lab import cli, docs, loop, stats, tasks
+from lab.records import commit_record, config_key, load_records, read_record, record_path, write_record
 
 BENCHMARK = "frontier"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,7 +154,7 @@ def methods(eps: float, num_params: int) -> list[Method]:
 # -- one run ---------------------------------------------------------------------------------------
 
 
-def train(task: S.Task, method: Method, seed: int, steps: int, args: argparse.Namespace) -> tuple[nn.Module, dict]:
+def train(task: tasks.Task, method: Method, seed: int, steps: int, args: argparse.Namespace) -> tuple[nn.Module, dict]:
     """``steps * method.budget`` optimizer steps from ``seed``; returns the model and the compute it took."""
     model = task.new_model(seed).train()
     optimizer = method.build(model, args.lr)
@@ -168,7 +163,7 @@ def train(task: S.Task, method: Method, seed: int, steps: int, args: argparse.Na
     schedule = get_linear_schedule_with_warmup(base, max(1, total // 20), total)
     passes = 0
     start = time.perf_counter()
-    for batch in itertools.islice(S.training_batches(task, seed, args.batch_size), total):
+    for batch in itertools.islice(loop.training_batches(task, seed, args.batch_size), total):
 
         def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
             nonlocal passes
@@ -194,7 +189,7 @@ def train(task: S.Task, method: Method, seed: int, steps: int, args: argparse.Na
     return model.eval(), {"steps": total, "passes": passes, "train_seconds": seconds}
 
 
-def evaluate(task: S.Task, model: nn.Module, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(task: tasks.Task, model: nn.Module, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Clean loss and metric; the loss increase under the gradient corruption at each eval eps and each fault.
 
     The metric is computed for the clean model only: the robustness columns are loss increases, and a
@@ -223,7 +218,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every missing (task, method, seed) run; returns every record of the requested runs."""
     records = []
     for name in args.tasks:
-        task = S.build_task(name, args)
+        task = tasks.build_task(name, args)
         num_params = sum(p.numel() for p in task.new_model(0).parameters())
         every = methods(args.acr_eps, num_params)
         unknown = set(args.methods or ()) - {m.name for m in every}
@@ -232,7 +227,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         chosen = [m for m in every if not args.methods or m.name in args.methods]
         for seed, method in itertools.product(range(args.seed, args.seed + args.num_seeds), chosen):
             settings = {
-                "model": S.model_settings(args),
+                "model": tasks.model_settings(args),
                 "steps": args.steps,
                 "batch_size": args.batch_size,
                 "lr": args.lr,
@@ -241,7 +236,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "faults": list(args.faults),
                 "trials": args.trials,
             }
-            path = record_path(BENCHMARK, name, f"{method.name}-seed{seed}-{S.config_key(settings)}", args.results)
+            path = record_path(BENCHMARK, name, f"{method.name}-seed{seed}-{config_key(settings)}", args.results)
             if not path.is_file():
                 print(f"{name} {method.name} seed {seed}: training", flush=True)
                 model, compute = train(task, method, seed, args.steps, args)
@@ -260,7 +255,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "eval_seconds": time.perf_counter() - start,
                     "metric": task.metric,
                     "eval_data": task.eval_data,
-                    "environment": S.environment(),
+                    "environment": loop.environment(),
                     **scores,
                 }
                 write_record(path, record)
@@ -299,7 +294,7 @@ def points(records: list[dict[str, Any]]) -> list[Point]:
         by_method.setdefault(r["method"], []).append(r)
     found = []
     for name, runs in by_method.items():
-        if len({S.config_key(r["settings"]) for r in runs}) > 1:
+        if len({config_key(r["settings"]) for r in runs}) > 1:
             raise ValueError(f"{name}: records with different settings in one folder; summarize one set at a time")
         labels = [_label(row) for row in runs[0]["rows"]]
         deltas = {lab: [next(x["delta_loss"] for x in r["rows"] if _label(x) == lab) for r in runs] for lab in labels}
@@ -534,13 +529,15 @@ def summarize(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    ap = S.parser(__doc__.splitlines()[1], BENCHMARK)
+    ap = cli.parser(__doc__.splitlines()[1], BENCHMARK)
     ap.set_defaults(width=128, layers=2, vocab=2000, steps=200, threads=1, results=RESULTS, tasks=["lm", "de_en"])
-    ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
-    ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR training eps (L2); the peers' tuned rho")
-    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
+    ap.add_argument("--num-seeds", type=cli.positive_int, default=3, help="seeds --seed, --seed+1, ...")
+    ap.add_argument(
+        "--acr-eps", type=cli.positive_float, default=0.1, help="ACR training eps (L2); the peers' tuned rho"
+    )
+    ap.add_argument("--eval-eps", type=cli.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
     ap.add_argument("--faults", nargs="+", default=list(FAULTS), help="acr_optim.faults specs")
-    ap.add_argument("--trials", type=S.positive_int, default=3, help="draws of each random fault")
+    ap.add_argument("--trials", type=cli.positive_int, default=3, help="draws of each random fault")
     ap.add_argument("--methods", nargs="+", default=None, help="only these method names (default: all)")
     ap.add_argument("--commit", action="store_true", help="git-commit each record as it is written")
     ap.add_argument("--quick", action="store_true", help="a tiny model, a few steps, 5 methods, 1 seed: a smoke run")
@@ -558,7 +555,7 @@ def main(argv: list[str] | None = None) -> Any:
         if args.write_docs:
             README.write_text(docs.fill(README.read_text(), {BENCHMARK: section}))
         return section
-    S.setup(args)
+    cli.setup(args)
     return run_all(args)
 
 

@@ -24,19 +24,16 @@ seeds), ``sweep.csv`` and figures ``<task>_acr.png``, ``sweep.png`` under ``--ou
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _shared as S
-
 from acr_optim.probe import probe
-from lab import stats
+from lab import cli, loop, stats, tasks
+from lab.records import write_json, write_rows
 
 
-def evaluate(task: S.Task, model: Any, eval_eps: list[float]) -> list[dict[str, Any]]:
+def evaluate(task: tasks.Task, model: Any, eval_eps: list[float]) -> list[dict[str, Any]]:
     """``[{eps, metric, delta_loss}]``: eps 0 is the clean model, then the gradient corruption at each eps."""
     table = probe(model, task.eval_batches, eps=eval_eps, method="gradient", by="all", metric_fn=task.metric_fn)
     first = table.rows[0]
@@ -48,8 +45,8 @@ def evaluate(task: S.Task, model: Any, eval_eps: list[float]) -> list[dict[str, 
     return rows
 
 
-def run_and_evaluate(task: S.Task, recipe: S.Recipe, args: Any, group: str) -> list[dict[str, Any]]:
-    model, run = S.train(task, recipe, args.cache)
+def run_and_evaluate(task: tasks.Task, recipe: loop.Recipe, args: Any, group: str) -> list[dict[str, Any]]:
+    model, run = loop.train(task, recipe, args.cache)
     print(f"{task.name} {group} {run['recipe']} seed {recipe.seed}: {run['train_seconds']:.0f} s", flush=True)
     base = {
         "task": task.name,
@@ -157,30 +154,30 @@ def plot_sweep(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], path:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = S.parser(__doc__.splitlines()[1], "acr_training")
-    ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
-    ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR training eps (L2)")
-    ap.add_argument("--acr-alpha", type=S.unit_float, default=0.5, help="ACR weight of the corrupted loss")
-    ap.add_argument("--intervals", type=S.positive_int, nargs="*", default=[2], help="amortized ACR runs (k > 1)")
+    ap = cli.parser(__doc__.splitlines()[1], "acr_training")
+    ap.add_argument("--num-seeds", type=cli.positive_int, default=3, help="seeds --seed, --seed+1, ...")
+    ap.add_argument("--acr-eps", type=cli.positive_float, default=0.1, help="ACR training eps (L2)")
+    ap.add_argument("--acr-alpha", type=cli.unit_float, default=0.5, help="ACR weight of the corrupted loss")
+    ap.add_argument("--intervals", type=cli.positive_int, nargs="*", default=[2], help="amortized ACR runs (k > 1)")
     ap.add_argument("--matched-baseline", action="store_true", help="also AdamW for 2 x --steps steps")
-    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
-    ap.add_argument("--sweep-task", choices=S.TASKS, default="lm", help="task of the eps/alpha sweep")
-    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="*", default=[0.03, 0.3, 1.0])
-    ap.add_argument("--sweep-alpha", type=S.unit_float, nargs="*", default=[0.25, 0.75])
+    ap.add_argument("--eval-eps", type=cli.positive_float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
+    ap.add_argument("--sweep-task", choices=tasks.TASKS, default="lm", help="task of the eps/alpha sweep")
+    ap.add_argument("--sweep-eps", type=cli.positive_float, nargs="*", default=[0.03, 0.3, 1.0])
+    ap.add_argument("--sweep-alpha", type=cli.unit_float, nargs="*", default=[0.25, 0.75])
     args = ap.parse_args(argv)
-    S.setup(args)
+    cli.setup(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
     common = {"batch_size": args.batch_size, "lr": args.lr}
     rows: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
-    tasks = {name: S.build_task(name, args) for name in dict.fromkeys([*args.tasks, args.sweep_task])}
+    built = {name: tasks.build_task(name, args) for name in dict.fromkeys([*args.tasks, args.sweep_task])}
     for name in args.tasks:
         for seed in seeds:
             recipes = [
-                S.Recipe(seed=seed, steps=args.steps, **common),
-                S.Recipe(seed=seed, steps=args.steps, acr_eps=args.acr_eps, acr_alpha=args.acr_alpha, **common),
+                loop.Recipe(seed=seed, steps=args.steps, **common),
+                loop.Recipe(seed=seed, steps=args.steps, acr_eps=args.acr_eps, acr_alpha=args.acr_alpha, **common),
                 *(
-                    S.Recipe(
+                    loop.Recipe(
                         seed=seed,
                         steps=args.steps,
                         acr_eps=args.acr_eps,
@@ -193,26 +190,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ),
             ]
             if args.matched_baseline:
-                recipes.append(S.Recipe(seed=seed, steps=2 * args.steps, **common))
+                recipes.append(loop.Recipe(seed=seed, steps=2 * args.steps, **common))
             for recipe in recipes:
-                rows += run_and_evaluate(tasks[name], recipe, args, "main")
+                rows += run_and_evaluate(built[name], recipe, args, "main")
     table = aggregate(rows)
     for name in args.tasks:
         plot_table([r for r in table if r["task"] == name], args.out / f"{name}_acr.png")
-    S.write_rows(args.out / "runs.csv", rows)
-    S.write_rows(args.out / "table.csv", table)
+    write_rows(args.out / "runs.csv", rows)
+    write_rows(args.out / "table.csv", table)
 
     if args.sweep_eps or args.sweep_alpha:
-        task, seed = tasks[args.sweep_task], seeds[0]
-        baseline = run_and_evaluate(task, S.Recipe(seed=seed, steps=args.steps, **common), args, "sweep")
+        task, seed = built[args.sweep_task], seeds[0]
+        baseline = run_and_evaluate(task, loop.Recipe(seed=seed, steps=args.steps, **common), args, "sweep")
         points = [("eps", e, args.acr_alpha) for e in sorted({*args.sweep_eps, args.acr_eps})]
         points += [("alpha", args.acr_eps, a) for a in sorted({*args.sweep_alpha, args.acr_alpha})]
         for kind, eps, alpha in points:
-            recipe = S.Recipe(seed=seed, steps=args.steps, acr_eps=eps, acr_alpha=alpha, **common)
+            recipe = loop.Recipe(seed=seed, steps=args.steps, acr_eps=eps, acr_alpha=alpha, **common)
             sweep += [{"sweep": kind, **r} for r in run_and_evaluate(task, recipe, args, "sweep")]
-        S.write_rows(args.out / "sweep.csv", [{"sweep": "baseline", **r} for r in baseline] + sweep)
+        write_rows(args.out / "sweep.csv", [{"sweep": "baseline", **r} for r in baseline] + sweep)
         plot_sweep(sweep, baseline, args.out / "sweep.png")
-    S.write_json(args.out / "config.json", {"args": vars(args), "seeds": seeds})
+    write_json(args.out / "config.json", {"args": vars(args), "seeds": seeds})
     return {"table": table, "sweep": sweep}
 
 

@@ -17,7 +17,7 @@ and ``--patience`` such evaluations in a row stop the run; the best checkpoint i
 loss (and the test metric) clean and under the gradient corruption (paper Eq. 10, L2, whole model) at
 ``--eval-eps``; and, for the AdamW runs, finding 2 on the converged model: the held-out loss increase when one
 component type (one layer) alone takes the gradient corruption under the paper's protocol
-(``where_fragile.paper_view``: L-inf on the 10 (100) entries of largest ``|gradient|``, eps 0.05-1).
+(``lab.fragility.paper_view``: L-inf on the 10 (100) entries of largest ``|gradient|``, eps 0.05-1).
 
 Runs, in order (cheapest information first; every finished run writes
 ``--results/converged/<family>/<run id>.json`` and a run whose record exists is skipped; a run in progress saves
@@ -46,7 +46,6 @@ import argparse
 import copy
 import functools
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -57,26 +56,26 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _shared as S
-from _common import load_text_file, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
-from de_en import seq2seq_from_config
-from where_fragile import fragility_rows, paper_view
-
 from acr_optim import ACR
 from acr_optim.data import load_parallel
 from acr_optim.probe import probe
 from acr_optim.probe.metrics import MetricFn, bleu, perplexity
+from lab import cli, loop, tasks
+from lab.fragility import fragility_rows, paper_view
+from lab.methods import Method, final_methods
 from lab.records import (
     chosen_eps,
     claim,
     commit_record,
+    config_key,
     load_records,
     record_path,
     release,
     write_atomically,
     write_record,
 )
+from recipes.de_en import seq2seq_from_config, train_sentencepiece_style_tokenizer
+from recipes.lm import load_text_file, train_byte_level_tokenizer
 
 FINDING = "converged"
 FAMILIES = ("lstm", "gpt2", "marian")
@@ -125,17 +124,6 @@ class LSTMLM(nn.Module):
         return out
 
 
-@dataclass(frozen=True)
-class Method:
-    """A training recipe: AdamW (``eps=None``) or ``ACR(AdamW, eps, p, alpha)``; ``budget`` scales patience and step cap."""
-
-    name: str
-    eps: float | None = None
-    p: float = 2.0
-    alpha: float = 0.5
-    budget: int = 1
-
-
 @dataclass
 class Family:
     """A corpus split three ways (train, held-out for stopping, test for the score) and the model trained on it."""
@@ -157,30 +145,30 @@ def lm_family(args: argparse.Namespace) -> Family:
     lines = list(load_text_file(str(folder / "valid.txt.gz"), "--data")["text"])
     test = list(load_text_file(str(folder / "test.txt.gz"), "--data")["text"])
     cut = round(len(lines) * (1 - args.heldout))
-    key = S.config_key({"vocab": args.vocab, "heldout": args.heldout})
-    tokenizer = S.cached_tokenizer(
+    key = config_key({"vocab": args.vocab, "heldout": args.heldout})
+    tokenizer = tasks.cached_tokenizer(
         args.cache / f"tokenizer-lstm-{key}", train_byte_level_tokenizer, lines[:cut], args.vocab
     )
 
     def batches(texts: list[str], limit: int | None = None) -> list[dict[str, Tensor]]:
-        blocks = S.lm_blocks(tokenizer, texts, args.block_size)[:limit]
+        blocks = tasks.lm_blocks(tokenizer, texts, args.block_size)[:limit]
         return [
-            S.to_device(S.stack(blocks[i : i + args.batch_size]), args.device)
+            tasks.to_device(tasks.stack(blocks[i : i + args.batch_size]), args.device)
             for i in range(0, len(blocks), args.batch_size)
         ]
 
     def new_model() -> nn.Module:
         if args.family == "lstm":
             return LSTMLM(len(tokenizer), args.width, args.layers, args.dropout)
-        return AutoModelForCausalLM.from_config(S.gpt2_config(tokenizer, vars(args), args.dropout))
+        return AutoModelForCausalLM.from_config(tasks.gpt2_config(tokenizer, vars(args), args.dropout))
 
-    train = S.lm_blocks(tokenizer, lines[:cut], args.block_size)
+    train = tasks.lm_blocks(tokenizer, lines[:cut], args.block_size)
     heldout, scored = batches(lines[cut:]), batches(test, args.test_blocks)
     if not train or not heldout:
         raise SystemExit(
             f"--heldout {args.heldout}: leaves no training or no held-out block of {args.block_size} tokens"
         )
-    return Family(args.family, train, S.stack, heldout, scored, args.device, new_model, "perplexity", perplexity)
+    return Family(args.family, train, tasks.stack, heldout, scored, args.device, new_model, "perplexity", perplexity)
 
 
 def marian_family(args: argparse.Namespace) -> Family:
@@ -191,8 +179,8 @@ def marian_family(args: argparse.Namespace) -> Family:
         for name in ("train", "val", "test_2016_flickr")
     }
     texts = [t for pair in split["train"] for t in (pair["de"], pair["en"])]
-    tokenizer = S.cached_tokenizer(
-        args.cache / f"tokenizer-marian-{S.config_key({'vocab': args.vocab})}",
+    tokenizer = tasks.cached_tokenizer(
+        args.cache / f"tokenizer-marian-{config_key({'vocab': args.vocab})}",
         train_sentencepiece_style_tokenizer,
         texts,
         args.vocab,
@@ -200,18 +188,18 @@ def marian_family(args: argparse.Namespace) -> Family:
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
     def batches(rows: list[dict[str, str]]) -> list[dict[str, Tensor]]:
-        features = S.encode_pairs(tokenizer, rows)
+        features = tasks.encode_pairs(tokenizer, rows)
         return [
-            S.to_device(collate(features[i : i + args.batch_size]), args.device)
+            tasks.to_device(collate(features[i : i + args.batch_size]), args.device)
             for i in range(0, len(features), args.batch_size)
         ]
 
     def new_model() -> nn.Module:
-        return seq2seq_from_config(S.marian_config(tokenizer, vars(args), args.dropout), tokenizer)
+        return seq2seq_from_config(tasks.marian_config(tokenizer, vars(args), args.dropout), tokenizer)
 
     return Family(
         "marian",
-        S.encode_pairs(tokenizer, split["train"]),
+        tasks.encode_pairs(tokenizer, split["train"]),
         collate,
         batches(split["val"]),
         batches(split["test_2016_flickr"][: args.test_blocks]),
@@ -275,7 +263,7 @@ def fit(
         for _ in range(args.eval_every):
             if not queue:
                 queue += [b.tolist() for b in torch.randperm(len(data.train), generator=order).split(args.batch_size)]
-            batch = S.to_device(data.collate([data.train[i] for i in queue.pop()]), data.device)
+            batch = tasks.to_device(data.collate([data.train[i] for i in queue.pop()]), data.device)
 
             def closure(batch: dict[str, Tensor] = batch) -> Tensor:
                 loss = training_loss(model, batch, args.label_smoothing)
@@ -361,22 +349,8 @@ def run(
         "validation": heldout,
         "test": test,
         "fragility": fragility,
-        "environment": S.environment(data.device),
+        "environment": loop.environment(data.device),
     }
-
-
-def final_methods(eps: float | None, num_params: int) -> list[Method]:
-    """The final rows at the sweep's ``eps``, in the order they run (the comparisons that matter most complete
-    first, every seed of one before the next); only the AdamW rows while the sweep is unfinished (``eps=None``)."""
-    if eps is None:
-        return [Method("adamw"), Method("adamw_2x", budget=2)]
-    return [
-        Method("adamw"),
-        Method("acr", eps=eps),
-        Method("sam", eps=eps, alpha=1.0),
-        Method("acr_inf", eps=eps / math.sqrt(num_params), p=math.inf),
-        Method("adamw_2x", budget=2),
-    ]
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -384,32 +358,34 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--family", choices=FAMILIES, default="lstm")
     family = first.parse_known_args(argv)[0].family
-    ap = S.parser(__doc__.splitlines()[1], FINDING, fixed_budget=False)
+    ap = cli.parser(__doc__.splitlines()[1], FINDING, fixed_budget=False)
     ap.add_argument("--family", choices=FAMILIES, default="lstm", help="model family (sets the defaults below)")
-    ap.add_argument("--dropout", type=S.fraction, default=0.1)
-    ap.add_argument("--label-smoothing", type=S.fraction, default=0.0, help="seq2seq training loss only (marian)")
-    ap.add_argument("--weight-decay", type=S.nonnegative_float, default=0.01)
-    ap.add_argument("--heldout", type=S.fraction, default=0.1, help="LMs: fraction of valid.txt's lines held out")
-    ap.add_argument("--eval-every", type=S.positive_int, default=100, help="steps between held-out evaluations")
+    ap.add_argument("--dropout", type=cli.fraction, default=0.1)
+    ap.add_argument("--label-smoothing", type=cli.fraction, default=0.0, help="seq2seq training loss only (marian)")
+    ap.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.01)
+    ap.add_argument("--heldout", type=cli.fraction, default=0.1, help="LMs: fraction of valid.txt's lines held out")
+    ap.add_argument("--eval-every", type=cli.positive_int, default=100, help="steps between held-out evaluations")
     ap.add_argument(
-        "--min-delta", type=S.nonnegative_float, default=1e-3, help="held-out loss decrease that counts as improving"
+        "--min-delta", type=cli.nonnegative_float, default=1e-3, help="held-out loss decrease that counts as improving"
     )
     ap.add_argument(
-        "--lr-decay", type=S.unit_float, default=0.5, help="lr factor after an evaluation without improving"
+        "--lr-decay", type=cli.unit_float, default=0.5, help="lr factor after an evaluation without improving"
     )
-    ap.add_argument("--patience", type=S.positive_int, default=3, help="evaluations without improving in a row to stop")
-    ap.add_argument("--max-steps", type=S.positive_int, default=6000, help="step cap (x2 for adamw_2x)")
-    ap.add_argument("--test-blocks", type=S.positive_int, default=1000, help="score the first N test blocks / pairs")
-    ap.add_argument("--beams", type=S.positive_int, default=4, help="beam size of the BLEU decoding (marian)")
-    ap.add_argument("--num-seeds", type=S.positive_int, default=3)
-    ap.add_argument("--sweep-eps", type=S.positive_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
+    ap.add_argument(
+        "--patience", type=cli.positive_int, default=3, help="evaluations without improving in a row to stop"
+    )
+    ap.add_argument("--max-steps", type=cli.positive_int, default=6000, help="step cap (x2 for adamw_2x)")
+    ap.add_argument("--test-blocks", type=cli.positive_int, default=1000, help="score the first N test blocks / pairs")
+    ap.add_argument("--beams", type=cli.positive_int, default=4, help="beam size of the BLEU decoding (marian)")
+    ap.add_argument("--num-seeds", type=cli.positive_int, default=3)
+    ap.add_argument("--sweep-eps", type=cli.positive_float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
     ap.add_argument(
         "--final-eps",
-        type=S.positive_float,
+        type=cli.positive_float,
         help="ACR eps of the final rows while the sweep is unfinished (default: wait for the sweep's choice)",
     )
-    ap.add_argument("--device", type=S.device, default="cpu", help="where to train and score: cpu, cuda, cuda:1, ...")
-    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+")
+    ap.add_argument("--device", type=cli.device, default="cpu", help="where to train and score: cpu, cuda, cuda:1, ...")
+    ap.add_argument("--eval-eps", type=cli.positive_float, nargs="+")
     ap.add_argument("--commit", action="store_true", help="git-commit each record when written")
     ap.set_defaults(threads=1, **DEFAULTS[family])
     args = ap.parse_args(argv)
@@ -447,7 +423,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     and the plan is read again after every run, so a worker that found the sweep still running elsewhere does
     the final rows without ``eps`` meanwhile and the others once the sweep's records are in."""
     args = arguments(argv)
-    S.setup(args)
+    cli.setup(args)
     data = marian_family(args) if args.family == "marian" else lm_family(args)
     common = {k: getattr(args, k) for k in SETTINGS} | {"optimizer": "AdamW, lr decay on plateau"}
     num_params = sum(p.numel() for p in data.new_model().parameters())
@@ -456,7 +432,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for method, seed, stage in plan(args, num_params):
             # A final row equal to a sweep run (seed 0 AdamW, ACR at eps*) is that run: the stage is not in the id.
             settings = {**common, "method": asdict(method), "stage": stage}
-            run_id = f"{method.name}-seed{seed}-{S.config_key({**settings, 'stage': None})}"
+            run_id = f"{method.name}-seed{seed}-{config_key({**settings, 'stage': None})}"
             path = record_path(FINDING, args.family, run_id, args.results)
             if not path.is_file() and claim(path):
                 break

@@ -20,23 +20,19 @@ for ``n = all`` and ``n = --small-n``.  Writes one record per task,
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _shared as S
-
 from acr_optim.probe import probe
-from lab import stats
+from lab import cli, loop, stats, tasks
 
 FINDING = "gradient_vs_random"
 DEFAULT_EPS = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 PERPLEXITY_TOP = 1e4
 
 
-def corruption_rows(task: S.Task, model: Any, args: Any) -> list[dict[str, Any]]:
+def corruption_rows(task: tasks.Task, model: Any, args: Any) -> list[dict[str, Any]]:
     """One row per (method, n, eps): metric and loss increase, random as mean/std over ``args.trials`` draws."""
     ns = [None, args.small_n]
     common = {"eps": args.eps, "n": ns, "by": "all", "metric_fn": task.metric_fn, "model_name": task.name}
@@ -124,15 +120,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Train (or reuse) each task's model, probe it, write its record; returns the records."""
-    ap = S.parser(__doc__.splitlines()[1], FINDING)
-    ap.add_argument("--eps", type=S.positive_float, nargs="+", default=DEFAULT_EPS, help="L2 norms of the corruption")
-    ap.add_argument("--small-n", type=S.n_value, default=100, help="the small L0 limit n (besides n = all)")
-    ap.add_argument("--trials", type=S.positive_int, default=5, help="random draws (>= 5 for a std)")
+    ap = cli.parser(__doc__.splitlines()[1], FINDING)
+    ap.add_argument("--eps", type=cli.positive_float, nargs="+", default=DEFAULT_EPS, help="L2 norms of the corruption")
+    ap.add_argument("--small-n", type=cli.n_value, default=100, help="the small L0 limit n (besides n = all)")
+    ap.add_argument("--trials", type=cli.positive_int, default=5, help="random draws (>= 5 for a std)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD ascent steps (0 = the gradient corruption)")
     args = ap.parse_args(argv)
-    S.setup(args)
+    cli.setup(args)
     probe_settings = {"probe": {k: getattr(args, k) for k in ("eps", "small_n", "trials", "pgd_steps")}}
-    return S.fixed_budget_runs(FINDING, args, probe_settings, lambda task, model: corruption_rows(task, model, args))
+    return loop.fixed_budget_runs(FINDING, args, probe_settings, lambda task, model: corruption_rows(task, model, args))
 
 
 if __name__ == "__main__":

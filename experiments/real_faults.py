@@ -26,27 +26,19 @@ records alone and, with ``--write-docs``, puts them into docs/results.md's gener
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _shared as S
-from converged import Method, final_methods
-from summarize import MODEL
-
-from acr_optim import ACR
 from acr_optim.probe import probe
-from lab import docs, stats
-from lab.records import load_records, record_path, write_record
+from lab import cli, docs, loop, stats, tasks
+from lab.methods import Method, final_methods
+from lab.records import config_key, load_records, record_path, write_record
 
 FINDING = "real_faults"
 FAULTS = (
@@ -73,29 +65,26 @@ FIGURE = DOCS.parent / "images" / "results" / "lm_real_faults.png"
 # -- runs ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LpRecipe(S.Recipe):
-    """``S.Recipe`` with ACR's ``p`` (which ``S.train`` leaves at 2): part of the model cache key."""
-
-    acr_p: float = 2.0
-
-
 def methods(eps: float, num_params: int) -> list[Method]:
     """AdamW, ACR, ACR p=inf and SAM of ``converged.final_methods`` (without its 2x-budget AdamW)."""
     return [m for m in final_methods(eps, num_params) if m.budget == 1]
 
 
-def train(task: S.Task, method: Method, seed: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    """``S.train`` (model cache included) with ``method``; a ``p != 2`` run builds its ACR with that ``p``."""
-    common = {"seed": seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-    if method.p == 2:
-        return S.train(task, S.Recipe(**common, acr_eps=method.eps, acr_alpha=method.alpha), args.cache)
-    recipe = LpRecipe(**common, acr_eps=method.eps, acr_alpha=method.alpha, acr_p=method.p)
-    with mock.patch.object(S, "ACR", functools.partial(ACR, p=method.p)):
-        return S.train(task, recipe, args.cache)
+def train(task: tasks.Task, method: Method, seed: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`lab.loop.train` (model cache included) with ``method``."""
+    recipe = loop.Recipe(
+        seed=seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        acr_eps=method.eps,
+        acr_alpha=method.alpha,
+        acr_p=method.p,
+    )
+    return loop.train(task, recipe, args.cache)
 
 
-def evaluate(task: S.Task, model: nn.Module, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def evaluate(task: tasks.Task, model: nn.Module, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Clean loss and metric, then one row per gradient eps and per fault (mean over draws for random faults)."""
     table = probe(
         model,
@@ -120,7 +109,9 @@ def evaluate(task: S.Task, model: nn.Module, args: argparse.Namespace, seed: int
     }
 
 
-def run(task: S.Task, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+def run(
+    task: tasks.Task, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any]
+) -> dict[str, Any]:
     model, trained = train(task, method, seed, args)
     start = time.perf_counter()
     scores = evaluate(task, model, args, seed)
@@ -140,7 +131,7 @@ def run(task: S.Task, method: Method, seed: int, args: argparse.Namespace, setti
         "metric": task.metric,
         "eval_data": task.eval_data,
         **scores,
-        "environment": S.environment(),
+        "environment": loop.environment(),
     }
 
 
@@ -148,14 +139,14 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every missing (task, seed, method) run, seed by seed; returns the records written."""
     written = []
     for name in args.tasks:
-        task = S.build_task(name, args)
+        task = tasks.build_task(name, args)
         num_params = sum(p.numel() for p in task.new_model(args.seed).parameters())
         common = {"task": task.config, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
         common |= {"faults": list(FAULTS), "trials": args.trials, "eval_eps": args.eval_eps}
         for seed in range(args.seed, args.seed + args.num_seeds):
             for method in methods(args.acr_eps, num_params):
                 settings = {**common, "method": asdict(method)}
-                path = record_path(FINDING, name, f"{method.name}-seed{seed}-{S.config_key(settings)}", args.results)
+                path = record_path(FINDING, name, f"{method.name}-seed{seed}-{config_key(settings)}", args.results)
                 if path.is_file():
                     continue
                 print(f"{path.stem}: training / evaluating", flush=True)
@@ -300,7 +291,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("loss increase ΔL (floored at 1e-6)")
     ax.set_title(
-        f"{MODEL[records[0]['task']]}: loss increase under real faults (mean ± std over seeds; no bar: model broken)",
+        f"{docs.MODEL[records[0]['task']]}: loss increase under real faults (mean ± std over seeds; no bar: model broken)",
         fontsize=9,
     )
     ax.legend(fontsize=7)
@@ -344,18 +335,18 @@ def summarize(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    ap = S.parser(__doc__.splitlines()[1], FINDING)
+    ap = cli.parser(__doc__.splitlines()[1], FINDING)
     ap.set_defaults(tasks=["lm"], steps=500, threads=1)
-    ap.add_argument("--num-seeds", type=S.positive_int, default=3, help="seeds --seed, --seed+1, ...")
-    ap.add_argument("--acr-eps", type=S.positive_float, default=0.1, help="ACR / SAM training eps (L2)")
-    ap.add_argument("--trials", type=S.positive_int, default=5, help="draws of each random fault")
-    ap.add_argument("--eval-eps", type=S.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
+    ap.add_argument("--num-seeds", type=cli.positive_int, default=3, help="seeds --seed, --seed+1, ...")
+    ap.add_argument("--acr-eps", type=cli.positive_float, default=0.1, help="ACR / SAM training eps (L2)")
+    ap.add_argument("--trials", type=cli.positive_int, default=5, help="draws of each random fault")
+    ap.add_argument("--eval-eps", type=cli.positive_float, nargs="+", default=[0.5, 1.0], help="gradient corruption")
     ap.add_argument("--summarize", action="store_true", help="build the finding-4 tables from the records")
     ap.add_argument("--write-docs", action="store_true", help=f"with --summarize: write {DOCS.name} and the figure")
     args = ap.parse_args(argv)
     if args.summarize:
         return summarize(args)
-    S.setup(args)
+    cli.setup(args)
     return run_all(args)
 
 

@@ -23,7 +23,6 @@ from lab.records import RESULTS, chosen_eps, load_records
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 FIGURES = DOCS.parent / "images" / "results"
-MODEL = {"de_en": "Marian", "lm": "GPT-2"}
 FINAL_METHODS = ("adamw", "acr", "acr_inf", "sam", "adamw_2x")
 VIEW = {
     "paper": "paper: L-inf, n entries",
@@ -56,7 +55,7 @@ def corruption(records: list[dict[str, Any]], task: str) -> str | None:
         draws = at["random", first["eps"]]["draws"]
         lines += [
             (
-                f"**{MODEL[task]}, n = {n}** (clean {metric} {first['metric_clean']:.2f}, clean loss "
+                f"**{docs.MODEL[task]}, n = {n}** (clean {metric} {first['metric_clean']:.2f}, clean loss "
                 f"{first['loss_clean']:.3f}; random: mean ± std over {draws} draws)"
             ),
             "",
@@ -126,7 +125,7 @@ def fragile_paper(records: list[dict[str, Any]], by: str) -> str:
     """ΔL of every group under the paper's protocol, one line per (model, eps)."""
     lines = []
     for record in records:
-        lines += [*_paper_lines(record["rows"], by, MODEL[record["task"]]), ""]
+        lines += [*_paper_lines(record["rows"], by, docs.MODEL[record["task"]]), ""]
     return "\n".join(lines[:-1])
 
 
@@ -139,7 +138,7 @@ def fragile_l2(records: list[dict[str, Any]], by: str) -> str:
         for view in ("same_eps", "per_param"):
             at = _eps_rows(record["rows"], by, view)
             ranking = ", ".join(f"{r['group']} {_g(r['delta_loss'])}" for r in at[1.0])
-            cells = [MODEL[record["task"]], VIEW[view], ranking]
+            cells = [docs.MODEL[record["task"]], VIEW[view], ranking]
             if by == "type":
                 cells.append(", ".join(_rank(at[eps], "norm").split()[0] for eps in grid))
             lines.append("| " + " | ".join(cells) + " |")
@@ -154,7 +153,7 @@ def fixed_budget_runs(records: list[dict[str, Any]]) -> str:
     ]
     for r in records:
         cells = [
-            MODEL[r["task"]],
+            docs.MODEL[r["task"]],
             f"{r['num_params']:,}",
             str(r["steps"]),
             f"{r['epochs']:.2f}",
@@ -540,7 +539,7 @@ def figures(root: Path = RESULTS, folder: Path = FIGURES) -> list[Path]:
                 path,
                 method="gradient",
                 n=rows[0]["n"],
-                title=f"{MODEL[record['task']]}: ΔL, gradient corruption of one {by} group (p={p}, n={n}), {VIEW[view]}",
+                title=f"{docs.MODEL[record['task']]}: ΔL, gradient corruption of one {by} group (p={p}, n={n}), {VIEW[view]}",
             )
             paths.append(path)
     converged = load_records("converged", root)

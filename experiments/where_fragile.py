@@ -23,41 +23,18 @@ exists); ``experiments/summarize.py`` makes the tables and heatmaps from the rec
 
 from __future__ import annotations
 
-import math
-import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _shared as S
-
-from acr_optim.probe import group_parameters, probe
+from lab import cli, loop, tasks
+from lab.fragility import PAPER_EPS, PAPER_N, View, fragility_rows, paper_view
 
 FINDING = "where_fragile"
 DEFAULT_EPS = [0.1, 0.3, 1.0, 3.0, 10.0]
-PAPER_EPS = [0.05, 0.1, 0.2, 0.5, 1.0]
-PAPER_N = {"type": 10, "layer": 100}
-
-
-@dataclass(frozen=True)
-class View:
-    """One way to budget the corruption of a group: ``L_p`` norm ``eps`` on at most ``n`` entries;
-    ``rms`` scales eps by ``sqrt(N_g / N)`` (the same RMS change per entry in every group)."""
-
-    name: str
-    p: float
-    n: int | None
-    rms: bool
-    eps: tuple[float, ...]
-
-
-def paper_view(by: str, paper_eps: list[float] = PAPER_EPS, paper_n: dict[str, int] = PAPER_N) -> View:
-    """The paper's budget (Figure 4 caption): ``p = inf`` on the ``n`` entries of largest ``|gradient|``."""
-    return View("paper", math.inf, paper_n[by], False, tuple(paper_eps))
 
 
 def views(by: str, eps: list[float], paper_eps: list[float], paper_n: dict[str, int]) -> list[View]:
+    """The three budgets of this finding for grouping ``by``: the paper's, the same L2 eps, the same RMS per entry."""
     return [
         paper_view(by, paper_eps, paper_n),
         View("same_eps", 2.0, None, False, tuple(eps)),
@@ -65,51 +42,20 @@ def views(by: str, eps: list[float], paper_eps: list[float], paper_n: dict[str, 
     ]
 
 
-def fragility_rows(batches: list[Any], model: Any, by: str, view: View) -> list[dict[str, Any]]:
-    """The gradient corruption of each ``by`` group alone, one row per (group, eps) under ``view``, on ``batches``."""
-    groups = group_parameters(model, by)
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sizes = dict(model.named_parameters())
-    rows = []
-    for group, names in groups.items():
-        size = sum(sizes[name].numel() for name in names)
-        scale = math.sqrt(size / total) if view.rms else 1.0
-        eps = [e * scale for e in view.eps]
-        table = probe(model, batches, eps=eps, p=view.p, n=view.n, params=names, by="all")
-        for nominal, row in zip(view.eps, table.rows):
-            rows.append(
-                {
-                    "by": by,
-                    "view": view.name,
-                    "group": group,
-                    "num_params": size,
-                    "method": row["method"],
-                    "p": view.p,
-                    "n": view.n,
-                    "eps": nominal,
-                    "eps_applied": row["eps"],
-                    "loss_clean": row["loss_clean"],
-                    "delta_loss": row["delta_loss"],
-                    "first_order": row["first_order"],
-                }
-            )
-    return rows
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Train (or reuse) each task's model, probe it, write its record; returns the records."""
-    ap = S.parser(__doc__.splitlines()[1], FINDING)
-    ap.add_argument("--eps", type=S.positive_float, nargs="+", default=DEFAULT_EPS, help="L2 norms (nominal)")
-    ap.add_argument("--paper-eps", type=S.positive_float, nargs="+", default=PAPER_EPS, help="L-inf eps, paper view")
-    ap.add_argument("--paper-n-type", type=S.positive_int, default=PAPER_N["type"], help="n by type, paper view")
-    ap.add_argument("--paper-n-layer", type=S.positive_int, default=PAPER_N["layer"], help="n by layer, paper view")
+    ap = cli.parser(__doc__.splitlines()[1], FINDING)
+    ap.add_argument("--eps", type=cli.positive_float, nargs="+", default=DEFAULT_EPS, help="L2 norms (nominal)")
+    ap.add_argument("--paper-eps", type=cli.positive_float, nargs="+", default=PAPER_EPS, help="L-inf eps, paper view")
+    ap.add_argument("--paper-n-type", type=cli.positive_int, default=PAPER_N["type"], help="n by type, paper view")
+    ap.add_argument("--paper-n-layer", type=cli.positive_int, default=PAPER_N["layer"], help="n by layer, paper view")
     ap.add_argument("--by", nargs="+", choices=["type", "layer"], default=["type", "layer"])
     args = ap.parse_args(argv)
-    S.setup(args)
+    cli.setup(args)
     paper_n = {"type": args.paper_n_type, "layer": args.paper_n_layer}
     task_views = {by: views(by, args.eps, args.paper_eps, paper_n) for by in args.by}
 
-    def rows(task: S.Task, model: Any) -> list[dict[str, Any]]:
+    def rows(task: tasks.Task, model: Any) -> list[dict[str, Any]]:
         return [
             row
             for by, vs in task_views.items()
@@ -118,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ]
 
     views_settings = {"views": {by: [asdict(v) for v in vs] for by, vs in task_views.items()}}
-    return S.fixed_budget_runs(FINDING, args, views_settings, rows)
+    return loop.fixed_budget_runs(FINDING, args, views_settings, rows)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A generated section sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``; a generator rewrites the
 bodies of the sections it makes and nothing else, and a test checks that the committed page is what the
-records give.  Also the two common ways a table prints a statistic.
+records give.  Also the two common ways a table prints a statistic, and the tables' names of the tasks' models.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from lab.stats import mean_std as _mean_std
 
+MODEL = {"de_en": "Marian", "lm": "GPT-2"}  # how the tables name the model of a task
 SECTION = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
 
 

@@ -10,6 +10,8 @@ Benchmarks keep theirs under ``benchmarks/results/`` (pass ``root``).
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 import socket
@@ -115,3 +117,28 @@ def chosen_eps(records: list[dict[str, Any]], grid: list[float] | None = None) -
     if not sweep or (grid is not None and not set(grid) <= set(sweep)):
         return None
     return min(sweep.values(), key=lambda r: r["validation"]["loss"])["settings"]["method"]["eps"]
+
+
+def config_key(obj: Any) -> str:
+    """A short stable hash of a JSON-able configuration (cache folders, record ids)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as CSV (union of keys, in first-seen order; ``None`` as an empty cell)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file written by :func:`write_rows` (every cell a string)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON (paths and other objects as strings, ``inf``/``nan`` kept)."""
+    path.write_text(json.dumps(obj, indent=2, default=str, allow_nan=True) + "\n")

@@ -33,6 +33,8 @@ import gradient_vs_random
 import summarize
 import where_fragile
 
+from lab import docs
+
 TINY = ["--steps", "3", "--batch-size", "8", "--width", "16", "--layers", "1", "--vocab", "200"]
 TINY += ["--max-train", "200", "--eval-size", "4", "--block-size", "16", "--threads", "1"]
 
@@ -74,7 +76,7 @@ def test_gradient_vs_random(tmp_path, cache):
     for task in ("de_en", "lm"):
         lines = tables[f"corruption-{task}"].splitlines()
         assert [line for line in lines if line.startswith("**")] == [
-            line for line in lines if line.startswith(f"**{summarize.MODEL[task]}, n = ")
+            line for line in lines if line.startswith(f"**{docs.MODEL[task]}, n = ")
         ]
         assert len(lines) == 2 * (4 + 3) + 1  # per n: caption, blank, header, rule, 3 eps; a blank between
     figures = summarize.figures(tmp_path / "results", tmp_path)

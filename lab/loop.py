@@ -1,0 +1,182 @@
+"""The fixed-budget training loop of the experiments: AdamW, or ``ACR(AdamW)``, from a seed, on the batches
+that seed gives every method, with a model cache (:func:`train`); a fixed-budget run as a record (train or reuse
+the model, measure it, write the record: :func:`fixed_budget_runs`); and where a run ran (:func:`environment`)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
+
+from acr_optim import ACR
+from lab.records import config_key, read_record, record_path, write_record
+from lab.tasks import Task, build_task, model_settings
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training run: ``acr_eps=None`` is the AdamW baseline; otherwise ``ACR(AdamW, eps, p, alpha, interval)``
+    with no L0 limit (the whole model as one vector)."""
+
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    acr_eps: float | None = None
+    acr_alpha: float = 0.5
+    interval: int = 1
+    acr_p: float = 2.0
+
+    def key(self) -> dict[str, Any]:
+        """The fields that name this run in record ids and in the model cache: all of them, ``acr_p`` only where it
+        is not 2 (so the runs from before it was a field keep their names)."""
+        fields = asdict(self)
+        if self.acr_p == 2.0:
+            del fields["acr_p"]
+        return fields
+
+    @property
+    def label(self) -> str:
+        """How the progress lines name the run."""
+        if self.acr_eps is None:
+            return "baseline"
+        every = "" if self.interval == 1 else f", interval={self.interval}"
+        return f"ACR(eps={self.acr_eps:g}, alpha={self.acr_alpha:g}{every})"
+
+
+def training_batches(task: Task, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches: epoch after epoch, each a fresh permutation drawn from ``seed``
+    (so every method trained from the same seed sees the same batches)."""
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        for indices in torch.randperm(len(task.train), generator=order).split(batch_size):
+            yield task.collate([task.train[i] for i in indices.tolist()])
+
+
+def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a fresh model (init and batch order from ``recipe.seed``) for ``recipe.steps`` optimizer steps.
+
+    AdamW (lr warmup over 5% of the steps, then linear decay to 0), wrapped in ACR for an ACR
+    recipe: each corrupting step minimises ``(1 - alpha) L(w) + alpha L(w + a(w))`` with two
+    forward/backward passes.  Baseline and ACR runs with the same seed see the same batches.
+    Returns the model (eval mode) and ``{"train_seconds", "final_loss", ...}``; with
+    ``cache_root`` a finished run is saved there and reloaded instead of retrained.
+    """
+    folder = None if cache_root is None else cache_root / f"{task.name}-{config_key([task.config, recipe.key()])}"
+    if folder is not None and (folder / "run.json").is_file():
+        # Into a fresh model: from_pretrained would make Marian's sinusoidal position tables trainable.
+        loader = AutoModelForSeq2SeqLM if task.name == "de_en" else AutoModelForCausalLM
+        model = task.new_model(recipe.seed)
+        model.load_state_dict(loader.from_pretrained(folder).state_dict())
+        return model.eval(), json.loads((folder / "run.json").read_text())
+    model = task.new_model(recipe.seed)
+    base = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    optimizer = (
+        base
+        if recipe.acr_eps is None
+        else ACR(base, eps=recipe.acr_eps, p=recipe.acr_p, alpha=recipe.acr_alpha, interval=recipe.interval)
+    )
+    schedule = get_linear_schedule_with_warmup(base, max(1, recipe.steps // 20), recipe.steps)
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for batch in itertools.islice(training_batches(task, recipe.seed, recipe.batch_size), recipe.steps):
+
+        def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        optimizer.zero_grad()
+        if recipe.acr_eps is None:
+            loss = closure()
+            optimizer.step()
+        else:
+            loss = optimizer.step(closure)
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if len(losses) % 100 == 0:
+            print(
+                f"  {recipe.label} step {len(losses)}/{recipe.steps}: {time.perf_counter() - start:.0f} s", flush=True
+            )
+    run = {
+        "recipe": recipe.label,
+        **recipe.key(),
+        "train_seconds": time.perf_counter() - start,
+        "final_loss": statistics.fmean(losses[-50:]),
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+    model.eval()
+    if folder is not None:
+        model.save_pretrained(folder)
+        (folder / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    return model, run
+
+
+def fixed_budget_runs(
+    finding: str,
+    args: argparse.Namespace,
+    probe_settings: dict[str, Any],
+    probe_rows: Callable[[Task, nn.Module], list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """For each of ``args.tasks``, the record of the model trained for ``args.steps`` from ``args.seed``
+    (or reused from ``args.cache``) and measured by ``probe_rows``; a run whose record exists is read, not rerun."""
+    records = []
+    for name in args.tasks:
+        recipe = Recipe(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+        settings = {
+            "model": model_settings(args),
+            "recipe": {**recipe.key(), "label": recipe.label, "optimizer": "AdamW, linear warmup 5% and decay"},
+            **probe_settings,
+        }
+        path = record_path(finding, name, f"steps{args.steps}-seed{args.seed}-{config_key(settings)}", args.results)
+        if not path.is_file():
+            task = build_task(name, args)
+            model, run = train(task, recipe, args.cache)
+            start = time.perf_counter()
+            rows = probe_rows(task, model)
+            record = {
+                "finding": finding,
+                "task": name,
+                "settings": settings,
+                "seed": recipe.seed,
+                "steps": recipe.steps,
+                "epochs": recipe.steps * recipe.batch_size / len(task.train),
+                "best_step": None,  # a fixed budget: the last step's model is probed
+                "train_seconds": run["train_seconds"],
+                "probe_seconds": time.perf_counter() - start,
+                "final_train_loss": run["final_loss"],
+                "num_params": run["num_params"],
+                "eval_data": task.eval_data,
+                "environment": environment(),
+                "rows": rows,
+            }
+            write_record(path, record)
+        print(f"{name}: {path}", flush=True)
+        records.append(read_record(path))  # as stored (tuples become lists), also for a new record
+    return records
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """Where a run ran (wall seconds compare only between runs of the same environment); with a CUDA ``device``, also
+    the GPU's name."""
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    if device is not None and device.type == "cuda":
+        env["device"] = f"cuda: {torch.cuda.get_device_name(device)}"
+    return env
