@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
 from acr_optim import ACR
 from acr_optim.probe import probe
@@ -61,13 +60,8 @@ FAULTS = ("int4:g32", "flip:1e-3:int8", "flip-worst:10:mantissa")
 
 @dataclass(frozen=True)
 class Method:
-    """A training method: how to build its optimizer around AdamW and how one step drives it.
-
-    ``driver``: ``"plain"`` (one backward, ``step()``), ``"closure"`` (``step(closure)`` does every
-    pass: ACR, WSAM), ``"gsam"`` (the same with GSAM's ``(outputs, loss)`` closure), ``"sam"`` (clean backward, then ``step(closure)``: SAM, ASAM,
-    FriendlySAM), ``"looksam"`` (as ``"sam"``, without the clean backward on the steps where LookSAM
-    reuses its last direction and zeroes it anyway). ``budget`` multiplies ``--steps``.
-    """
+    """A training method: how to build its optimizer around AdamW and how one step drives it (``driver``, one of
+    :data:`lab.loop.DRIVERS`). ``budget`` multiplies ``--steps``."""
 
     name: str
     family: str  # "AdamW", "ACR" or the peer's class name
@@ -155,38 +149,13 @@ def methods(eps: float, num_params: int) -> list[Method]:
 
 
 def train(task: tasks.Task, method: Method, seed: int, steps: int, args: argparse.Namespace) -> tuple[nn.Module, dict]:
-    """``steps * method.budget`` optimizer steps from ``seed``; returns the model and the compute it took."""
+    """``steps * method.budget`` optimizer steps from ``seed`` (:func:`lab.loop.fixed_steps`); returns the model and
+    the compute it took."""
     model = task.new_model(seed).train()
     optimizer = method.build(model, args.lr)
-    base = getattr(optimizer, "base_optimizer", optimizer)
-    total = round(steps * method.budget)
-    schedule = get_linear_schedule_with_warmup(base, max(1, total // 20), total)
-    passes = 0
-    start = time.perf_counter()
-    for batch in itertools.islice(loop.training_batches(task, seed, args.batch_size), total):
-
-        def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
-            nonlocal passes
-            passes += 1
-            loss = model(**batch).loss
-            loss.backward()
-            return loss
-
-        optimizer.zero_grad()
-        if method.driver == "plain":
-            closure()
-            optimizer.step()
-        elif method.driver == "gsam":  # GSAM zeroes the grads itself and wants (outputs, loss)
-            optimizer.step(torch.enable_grad()(lambda: (None, closure())))
-        elif method.driver == "closure":
-            optimizer.step(closure)
-        else:  # SAM-style: the clean gradient first (LookSAM zeroes it on its reuse steps: skip it there)
-            if method.driver != "looksam" or optimizer.get_step() % optimizer.k == 0:
-                closure()
-            optimizer.step(closure)
-        schedule.step()
-    seconds = time.perf_counter() - start
-    return model.eval(), {"steps": total, "passes": passes, "train_seconds": seconds}
+    batches = loop.training_batches(task, seed, args.batch_size)
+    done = loop.fixed_steps(model, optimizer, batches, round(steps * method.budget), method.driver)
+    return model.eval(), {key: done[key] for key in ("steps", "passes", "train_seconds")}
 
 
 def evaluate(task: tasks.Task, model: nn.Module, seed: int, args: argparse.Namespace) -> dict[str, Any]:

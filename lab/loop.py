@@ -64,6 +64,62 @@ def training_batches(task: Task, seed: int, batch_size: int) -> Iterator[dict[st
             yield task.collate([task.train[i] for i in indices.tolist()])
 
 
+DRIVERS = ("plain", "closure", "gsam", "sam", "looksam")
+
+
+def fixed_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[dict[str, torch.Tensor]],
+    total: int,
+    driver: str = "closure",
+    label: str | None = None,
+) -> dict[str, Any]:
+    """``total`` optimizer steps on the next ``total`` of ``batches``, the learning rate warmed up over 5 % of them,
+    then decayed linearly to 0 (on the base optimizer of a wrapper); the one loop every fixed-budget run trains with.
+
+    ``driver`` says how a step drives ``optimizer``: ``"plain"`` (one backward, ``step()``: AdamW), ``"closure"``
+    (``step(closure)`` makes every pass: ACR, WSAM), ``"gsam"`` (the same with GSAM's ``(outputs, loss)``
+    closure), ``"sam"`` (the clean backward, then ``step(closure)``: SAM, ASAM, FriendlySAM), ``"looksam"`` (as
+    ``"sam"``, without the clean backward on the steps where LookSAM reuses its last direction and zeroes it).
+    Returns ``{"steps", "passes", "train_seconds", "losses"}``: every forward/backward pass is counted, and
+    ``losses`` holds the loss of each step whose driver returns one; with ``label``, a progress line every 100 steps.
+    """
+    if driver not in DRIVERS:
+        raise ValueError(f"driver must be one of {DRIVERS}, got {driver!r}")
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    schedule = get_linear_schedule_with_warmup(base, max(1, total // 20), total)
+    passes, losses = 0, []
+    start = time.perf_counter()
+    for step, batch in enumerate(itertools.islice(batches, total), 1):
+
+        def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+            nonlocal passes
+            passes += 1
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        optimizer.zero_grad()
+        if driver == "plain":
+            loss = closure()
+            optimizer.step()
+        elif driver == "gsam":  # GSAM zeroes the grads itself and wants (outputs, loss)
+            loss = optimizer.step(torch.enable_grad()(lambda: (None, closure())))
+        elif driver == "closure":
+            loss = optimizer.step(closure)
+        else:  # SAM-style: the clean gradient first (LookSAM zeroes it on its reuse steps: skip it there)
+            if driver != "looksam" or optimizer.get_step() % optimizer.k == 0:
+                closure()
+            loss = optimizer.step(closure)
+        schedule.step()
+        if isinstance(loss, torch.Tensor):
+            losses.append(float(loss.detach()))
+        if label is not None and step % 100 == 0:
+            print(f"  {label} step {step}/{total}: {time.perf_counter() - start:.0f} s", flush=True)
+    return {"steps": total, "passes": passes, "train_seconds": time.perf_counter() - start, "losses": losses}
+
+
 def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train a fresh model (init and batch order from ``recipe.seed``) for ``recipe.steps`` optimizer steps.
 
@@ -80,41 +136,19 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
         model = task.new_model(recipe.seed)
         model.load_state_dict(loader.from_pretrained(folder).state_dict())
         return model.eval(), json.loads((folder / "run.json").read_text())
-    model = task.new_model(recipe.seed)
+    model = task.new_model(recipe.seed).train()
     base = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    acr = recipe.acr_eps is not None
     optimizer = (
-        base
-        if recipe.acr_eps is None
-        else ACR(base, eps=recipe.acr_eps, p=recipe.acr_p, alpha=recipe.acr_alpha, interval=recipe.interval)
+        ACR(base, eps=recipe.acr_eps, p=recipe.acr_p, alpha=recipe.acr_alpha, interval=recipe.interval) if acr else base
     )
-    schedule = get_linear_schedule_with_warmup(base, max(1, recipe.steps // 20), recipe.steps)
-    model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    for batch in itertools.islice(training_batches(task, recipe.seed, recipe.batch_size), recipe.steps):
-
-        def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
-            loss = model(**batch).loss
-            loss.backward()
-            return loss
-
-        optimizer.zero_grad()
-        if recipe.acr_eps is None:
-            loss = closure()
-            optimizer.step()
-        else:
-            loss = optimizer.step(closure)
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if len(losses) % 100 == 0:
-            print(
-                f"  {recipe.label} step {len(losses)}/{recipe.steps}: {time.perf_counter() - start:.0f} s", flush=True
-            )
+    batches = training_batches(task, recipe.seed, recipe.batch_size)
+    done = fixed_steps(model, optimizer, batches, recipe.steps, "closure" if acr else "plain", recipe.label)
     run = {
         "recipe": recipe.label,
         **recipe.key(),
-        "train_seconds": time.perf_counter() - start,
-        "final_loss": statistics.fmean(losses[-50:]),
+        "train_seconds": done["train_seconds"],
+        "final_loss": statistics.fmean(done["losses"][-50:]),
         "num_params": sum(p.numel() for p in model.parameters()),
     }
     model.eval()
