@@ -10,7 +10,7 @@ underneath with the same learning-rate schedule, then is measured the same way:
     robustness  L(w + a) - L(w) under the gradient corruption a (paper Eq. 10, L2, whole model) at
                 ``--eval-eps``, and the loss increase under int4 weights and random / worst bit flips
 
-Methods (``METHODS``): AdamW at 1x, 1.2x, 1.5x and 2x the steps (its own compute curve: the
+Methods (``lab.methods.frontier_methods``): AdamW at 1x, 1.2x, 1.5x and 2x the steps (its own compute curve: the
 compute-matched baselines of every 1.2-, 1.5- and 2-pass method); ACR at ``interval`` 1/2/5/10, ``p``
 2/inf, ``n`` all/1 %, ``alpha`` 0.5/1, ``eps`` 1/2/5 x; and the SAM family of ``pytorch-optimizer`` (SAM, ASAM, GSAM,
 WSAM, LookSAM, FriendlySAM) at their documented defaults and at ``rho`` = ACR's ``eps`` (once where
@@ -31,21 +31,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from acr_optim import ACR
 from acr_optim.probe import probe
 from lab import cli, docs, loop, stats, tasks
+from lab.methods import Method, frontier_methods
 from lab.records import commit_record, config_key, load_records, read_record, record_path, write_record
 
 BENCHMARK = "frontier"
@@ -53,96 +51,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
 QUICK_METHODS = ["adamw_1x", "adamw_2x", "acr", "acr_k2", "acr_a1", "sam_tuned", "gsam", "wsam", "looksam"]
 FAULTS = ("int4:g32", "flip:1e-3:int8", "flip-worst:10:mantissa")
-
-
-# -- methods ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Method:
-    """A training method: how to build its optimizer around AdamW and how one step drives it (``driver``, one of
-    :data:`lab.loop.DRIVERS`). ``budget`` multiplies ``--steps``."""
-
-    name: str
-    family: str  # "AdamW", "ACR" or the peer's class name
-    build: Callable[[nn.Module, float], torch.optim.Optimizer]
-    driver: str = "closure"
-    budget: float = 1.0
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr)
-
-
-def _acr(eps: float, **kwargs: Any) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
-    rest = {k: v for k, v in kwargs.items() if k != "n_fraction"}
-
-    def build(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        fraction = kwargs.get("n_fraction")
-        n = None if fraction is None else max(1, round(fraction * sum(p.numel() for p in model.parameters())))
-        return ACR(_adamw(model, lr), eps=eps, n=n, **rest)
-
-    return build
-
-
-def _peer(name: str, **kwargs: Any) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
-    def build(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        import pytorch_optimizer as po
-
-        if name == "GSAM":  # a rho schedule is required; constant here, as for every other method
-            base = _adamw(model, lr)
-            schedule = torch.optim.lr_scheduler.LambdaLR(base, lambda _: 1.0)
-            rho = po.ProportionScheduler(
-                schedule, max_lr=lr, min_lr=0.0, max_value=kwargs["rho"], min_value=kwargs["rho"]
-            )
-            rest = {k: v for k, v in kwargs.items() if k != "rho"}
-            return po.GSAM(model.parameters(), base, model, rho, **rest)
-        if name == "WSAM":
-            return po.WSAM(model, model.parameters(), torch.optim.AdamW, lr=lr, **kwargs)
-        return getattr(po, name)(model.parameters(), torch.optim.AdamW, lr=lr, **kwargs)
-
-    return build
-
-
-def methods(eps: float, num_params: int) -> list[Method]:
-    """Every method of the benchmark; ``eps`` is ACR's training radius (L2) and the peers' tuned ``rho``."""
-    inf_eps = eps / math.sqrt(num_params)  # p = inf: the same L2 length when every weight moves by inf_eps
-    adamw = [Method(f"adamw_{b:g}x", "AdamW", _adamw, "plain", b, {"budget": b}) for b in (1, 1.2, 1.5, 2)]
-    acr = [
-        Method(name, "ACR", _acr(e, **kw), settings={"eps": e, **kw})
-        for name, e, kw in (
-            ("acr", eps, {"alpha": 0.5}),
-            ("acr_k2", eps, {"alpha": 0.5, "interval": 2}),
-            ("acr_k5", eps, {"alpha": 0.5, "interval": 5}),
-            ("acr_k10", eps, {"alpha": 0.5, "interval": 10}),
-            ("acr_inf", inf_eps, {"alpha": 0.5, "p": math.inf}),
-            ("acr_n1pct", eps, {"alpha": 0.5, "n_fraction": 0.01}),
-            ("acr_a1", eps, {"alpha": 1.0}),
-            ("acr_a1_k5", eps, {"alpha": 1.0, "interval": 5}),
-            ("acr_a1_n1pct", eps, {"alpha": 1.0, "n_fraction": 0.01}),
-            # Larger radii, to reach the strongly regularised corner where LookSAM and FriendlySAM sit.
-            ("acr_a1_eps2x", 2 * eps, {"alpha": 1.0}),
-            ("acr_a1_k10_eps5x", 5 * eps, {"alpha": 1.0, "interval": 10}),
-        )
-    ]
-    # (name, class, driver, documented defaults); every peer runs at those and at rho = eps.
-    peers = (
-        ("sam", "SAM", "sam", {"rho": 0.05}),
-        ("asam", "SAM", "sam", {"rho": 0.05, "adaptive": True}),
-        ("gsam", "GSAM", "gsam", {"rho": 0.05, "alpha": 0.4}),
-        ("wsam", "WSAM", "closure", {"rho": 0.05, "gamma": 0.9}),
-        ("looksam", "LookSAM", "looksam", {"rho": 0.1, "k": 10, "alpha": 0.7}),
-        ("friendlysam", "FriendlySAM", "sam", {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9}),
-    )
-    family = {"asam": "ASAM"}
-    peer_methods = [
-        Method(f"{name}{suffix}", family.get(name, cls), _peer(cls, **kw), driver, settings=kw)
-        for name, cls, driver, defaults in peers
-        for suffix, kw in (("", defaults), ("_tuned", {**defaults, "rho": eps}))
-        if not suffix or defaults["rho"] != eps  # LookSAM's default rho already is eps: one run
-    ]
-    return adamw + acr + peer_methods
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -189,7 +97,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in args.tasks:
         task = tasks.build_task(name, args)
         num_params = sum(p.numel() for p in task.new_model(0).parameters())
-        every = methods(args.acr_eps, num_params)
+        every = frontier_methods(args.acr_eps, num_params)
         unknown = set(args.methods or ()) - {m.name for m in every}
         if unknown:
             raise SystemExit(f"--methods: unknown {sorted(unknown)}; known: {', '.join(m.name for m in every)}")

@@ -48,7 +48,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,10 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-from acr_optim import ACR
 from acr_optim.data import load_parallel
 from acr_optim.probe import probe
 from acr_optim.probe.metrics import MetricFn, bleu, perplexity
-from lab import cli, loop, tasks
+from lab import cli, loop, methods, tasks
 from lab.fragility import fragility_rows, paper_view
 from lab.methods import Method, final_methods
 from lab.records import (
@@ -235,8 +234,7 @@ def fit(
 
     After every evaluation the whole training state (model, optimizer, best checkpoint, data order, RNG) is saved to
     ``checkpoint``; a run that finds it there goes on from it, bit for bit the run that was stopped."""
-    base = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    optimizer = base if method.eps is None else ACR(base, eps=method.eps, p=method.p, alpha=method.alpha)
+    optimizer = method.build(model, args.lr, args.weight_decay)
     order = torch.Generator().manual_seed(seed)
     patience, max_steps = args.patience * method.budget, args.max_steps * method.budget
     state: dict[str, Any] = {"step": 0, "bad": 0, "queue": [], "seconds": 0.0, "resumes": []}
@@ -271,7 +269,7 @@ def fit(
                 return loss
 
             optimizer.zero_grad()
-            if method.eps is None:
+            if method.driver == "plain":
                 closure()
                 optimizer.step()
             else:
@@ -283,7 +281,7 @@ def fit(
             state["bad"] = 0
         else:
             state["bad"] += 1
-            for group in base.param_groups:
+            for group in optimizer.param_groups:  # ACR's are its base optimizer's
                 group["lr"] *= args.lr_decay
         print(f"  {method.name} seed {seed} step {state['step']}: held-out loss {loss:.4f}", end=" ")
         print(f"(best {best['loss']:.4f} at {best['step']})")
@@ -406,8 +404,8 @@ def plan(args: argparse.Namespace, num_params: int) -> list[tuple[Method, int, s
     """Every run of the sweep, then of the final rows, as ``(method, seed, stage)``; the final rows need the
     sweep's ``eps``, so while a sweep run is missing only the final rows without one are in the plan (all of them
     with ``--final-eps``)."""
-    runs = [(Method("adamw"), args.seed, "sweep")] + [
-        (Method("acr", eps=e), args.seed, "sweep") for e in args.sweep_eps
+    runs = [(methods.adamw(), args.seed, "sweep")] + [
+        (methods.acr("acr", e), args.seed, "sweep") for e in args.sweep_eps
     ]
     family = [r for r in load_records(FINDING, args.results) if r["task"] == args.family]
     eps = chosen_eps(family, args.sweep_eps)
@@ -431,7 +429,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     while True:
         for method, seed, stage in plan(args, num_params):
             # A final row equal to a sweep run (seed 0 AdamW, ACR at eps*) is that run: the stage is not in the id.
-            settings = {**common, "method": asdict(method), "stage": stage}
+            settings = {**common, "method": method.record(), "stage": stage}
             run_id = f"{method.name}-seed{seed}-{config_key({**settings, 'stage': None})}"
             path = record_path(FINDING, args.family, run_id, args.results)
             if not path.is_file() and claim(path):

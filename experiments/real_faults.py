@@ -29,7 +29,6 @@ import argparse
 import math
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +144,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         common |= {"faults": list(FAULTS), "trials": args.trials, "eval_eps": args.eval_eps}
         for seed in range(args.seed, args.seed + args.num_seeds):
             for method in methods(args.acr_eps, num_params):
-                settings = {**common, "method": asdict(method)}
+                settings = {**common, "method": method.record()}
                 path = record_path(FINDING, name, f"{method.name}-seed{seed}-{config_key(settings)}", args.results)
                 if path.is_file():
                     continue
