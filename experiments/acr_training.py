@@ -30,6 +30,7 @@ from typing import Any
 
 from acr_optim.probe import probe
 from lab import cli, loop, stats, tasks
+from lab.methods import acr
 from lab.records import write_json, write_rows
 
 
@@ -54,9 +55,9 @@ def run_and_evaluate(task: tasks.Task, recipe: loop.Recipe, args: Any, group: st
         "recipe": run["recipe"],
         "seed": recipe.seed,
         "steps": recipe.steps,
-        "acr_eps": recipe.acr_eps,
-        "acr_alpha": recipe.acr_alpha if recipe.acr_eps is not None else None,
-        "interval": recipe.interval if recipe.acr_eps is not None else None,
+        "acr_eps": recipe.method.eps,
+        "acr_alpha": recipe.method.alpha if recipe.method.eps is not None else None,
+        "interval": recipe.method.settings.get("interval", 1) if recipe.method.eps is not None else None,
         "train_seconds": run["train_seconds"],
         "final_train_loss": run["final_loss"],
         "metric": task.metric,
@@ -175,14 +176,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in seeds:
             recipes = [
                 loop.Recipe(seed=seed, steps=args.steps, **common),
-                loop.Recipe(seed=seed, steps=args.steps, acr_eps=args.acr_eps, acr_alpha=args.acr_alpha, **common),
+                loop.Recipe(
+                    seed=seed, steps=args.steps, method=acr("acr", args.acr_eps, alpha=args.acr_alpha), **common
+                ),
                 *(
                     loop.Recipe(
                         seed=seed,
                         steps=args.steps,
-                        acr_eps=args.acr_eps,
-                        acr_alpha=args.acr_alpha,
-                        interval=k,
+                        method=acr(f"acr_k{k}", args.acr_eps, alpha=args.acr_alpha, interval=k),
                         **common,
                     )
                     for k in args.intervals
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         points = [("eps", e, args.acr_alpha) for e in sorted({*args.sweep_eps, args.acr_eps})]
         points += [("alpha", args.acr_eps, a) for a in sorted({*args.sweep_alpha, args.acr_alpha})]
         for kind, eps, alpha in points:
-            recipe = loop.Recipe(seed=seed, steps=args.steps, acr_eps=eps, acr_alpha=alpha, **common)
+            recipe = loop.Recipe(seed=seed, steps=args.steps, method=acr("acr", eps, alpha=alpha), **common)
             sweep += [{"sweep": kind, **r} for r in run_and_evaluate(task, recipe, args, "sweep")]
         write_rows(args.out / "sweep.csv", [{"sweep": "baseline", **r} for r in baseline] + sweep)
         plot_sweep(sweep, baseline, args.out / "sweep.png")

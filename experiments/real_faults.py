@@ -71,15 +71,7 @@ def methods(eps: float, num_params: int) -> list[Method]:
 
 def train(task: tasks.Task, method: Method, seed: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`lab.loop.train` (model cache included) with ``method``."""
-    recipe = loop.Recipe(
-        seed=seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        acr_eps=method.eps,
-        acr_alpha=method.alpha,
-        acr_p=method.p,
-    )
+    recipe = loop.Recipe(seed=seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr, method=method)
     return loop.train(task, recipe, args.cache)
 
 

@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,40 +19,42 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
 
-from acr_optim import ACR
+from lab.methods import Method, adamw
 from lab.records import config_key, read_record, record_path, write_record
 from lab.tasks import Task, build_task, model_settings
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One training run: ``acr_eps=None`` is the AdamW baseline; otherwise ``ACR(AdamW, eps, p, alpha, interval)``
-    with no L0 limit (the whole model as one vector)."""
+    """One fixed-budget training run: ``method`` (:mod:`lab.methods`; AdamW by default) from ``seed`` for ``steps``
+    optimizer steps of ``batch_size`` examples at peak learning rate ``lr``."""
 
     seed: int
     steps: int
     batch_size: int
     lr: float
-    acr_eps: float | None = None
-    acr_alpha: float = 0.5
-    interval: int = 1
-    acr_p: float = 2.0
+    method: Method = field(default_factory=adamw)
 
     def key(self) -> dict[str, Any]:
-        """The fields that name this run in record ids and in the model cache: all of them, ``acr_p`` only where it
-        is not 2 (so the runs from before it was a field keep their names)."""
-        fields = asdict(self)
-        if self.acr_p == 2.0:
-            del fields["acr_p"]
+        """The settings that name this run in record ids and in the model cache, as they did before runs had a
+        :class:`~lab.methods.Method`: ACR's ``eps`` (``None`` for AdamW), ``alpha`` and ``interval``, and its ``p``
+        only where it is not 2."""
+        method = self.method
+        fields = {"seed": self.seed, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
+        fields |= {"acr_eps": method.eps, "acr_alpha": method.alpha, "interval": method.settings.get("interval", 1)}
+        if method.p != 2.0:
+            fields["acr_p"] = method.p
         return fields
 
     @property
     def label(self) -> str:
-        """How the progress lines name the run."""
-        if self.acr_eps is None:
+        """How the progress lines and outputs name the run."""
+        method = self.method
+        if method.eps is None:
             return "baseline"
-        every = "" if self.interval == 1 else f", interval={self.interval}"
-        return f"ACR(eps={self.acr_eps:g}, alpha={self.acr_alpha:g}{every})"
+        interval = method.settings.get("interval", 1)
+        every = "" if interval == 1 else f", interval={interval}"
+        return f"ACR(eps={method.eps:g}, alpha={method.alpha:g}{every})"
 
 
 def training_batches(task: Task, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -124,7 +126,7 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
     """Train a fresh model (init and batch order from ``recipe.seed``) for ``recipe.steps`` optimizer steps.
 
     AdamW (lr warmup over 5% of the steps, then linear decay to 0), wrapped in ACR for an ACR
-    recipe: each corrupting step minimises ``(1 - alpha) L(w) + alpha L(w + a(w))`` with two
+    method: each corrupting step minimises ``(1 - alpha) L(w) + alpha L(w + a(w))`` with two
     forward/backward passes.  Baseline and ACR runs with the same seed see the same batches.
     Returns the model (eval mode) and ``{"train_seconds", "final_loss", ...}``; with
     ``cache_root`` a finished run is saved there and reloaded instead of retrained.
@@ -137,13 +139,9 @@ def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[n
         model.load_state_dict(loader.from_pretrained(folder).state_dict())
         return model.eval(), json.loads((folder / "run.json").read_text())
     model = task.new_model(recipe.seed).train()
-    base = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
-    acr = recipe.acr_eps is not None
-    optimizer = (
-        ACR(base, eps=recipe.acr_eps, p=recipe.acr_p, alpha=recipe.acr_alpha, interval=recipe.interval) if acr else base
-    )
+    optimizer = recipe.method.build(model, recipe.lr)
     batches = training_batches(task, recipe.seed, recipe.batch_size)
-    done = fixed_steps(model, optimizer, batches, recipe.steps, "closure" if acr else "plain", recipe.label)
+    done = fixed_steps(model, optimizer, batches, recipe.steps, recipe.method.driver, recipe.label)
     run = {
         "recipe": recipe.label,
         **recipe.key(),
