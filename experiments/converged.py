@@ -235,6 +235,9 @@ def fit(
     After every evaluation the whole training state (model, optimizer, best checkpoint, data order, RNG) is saved to
     ``checkpoint``; a run that finds it there goes on from it, bit for bit the run that was stopped."""
     optimizer = method.build(model, args.lr, args.weight_decay)
+    step = loop.Stepper(
+        model, optimizer, method.driver, functools.partial(training_loss, smoothing=args.label_smoothing)
+    )
     order = torch.Generator().manual_seed(seed)
     patience, max_steps = args.patience * method.budget, args.max_steps * method.budget
     state: dict[str, Any] = {"step": 0, "bad": 0, "queue": [], "seconds": 0.0, "resumes": []}
@@ -262,18 +265,7 @@ def fit(
             if not queue:
                 queue += [b.tolist() for b in torch.randperm(len(data.train), generator=order).split(args.batch_size)]
             batch = tasks.to_device(data.collate([data.train[i] for i in queue.pop()]), data.device)
-
-            def closure(batch: dict[str, Tensor] = batch) -> Tensor:
-                loss = training_loss(model, batch, args.label_smoothing)
-                loss.backward()
-                return loss
-
-            optimizer.zero_grad()
-            if method.driver == "plain":
-                closure()
-                optimizer.step()
-            else:
-                optimizer.step(closure)
+            step(batch)
             state["step"] += 1
         loss = mean_loss(model, data.heldout)
         if loss < best["loss"] - args.min_delta:

@@ -67,59 +67,89 @@ def training_batches(task: Task, seed: int, batch_size: int) -> Iterator[dict[st
 
 
 DRIVERS = ("plain", "closure", "gsam", "sam", "looksam")
+Batch = dict[str, torch.Tensor]
+
+
+def model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's own loss on ``batch`` (a Hugging Face output's ``loss``, or a dict's)."""
+    return model(**batch)["loss"]
+
+
+class Stepper:
+    """One optimizer step at a time, driven as ``driver`` says, every forward/backward pass counted (``passes``);
+    the only place the experiments and ``benchmarks/frontier.py`` call ``backward()``.
+
+    ``driver``: ``"plain"`` (one backward, ``step()``: AdamW), ``"closure"`` (``step(closure)`` makes every pass:
+    ACR, WSAM), ``"gsam"`` (the same with GSAM's ``(outputs, loss)`` closure), ``"sam"`` (the clean backward, then
+    ``step(closure)``: SAM, ASAM, FriendlySAM), ``"looksam"`` (as ``"sam"``, without the clean backward on the steps
+    where LookSAM reuses its last direction and zeroes it).  ``loss(model, batch)`` is the training loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        driver: str,
+        loss: Callable[[nn.Module, Batch], torch.Tensor] = model_loss,
+    ) -> None:
+        if driver not in DRIVERS:
+            raise ValueError(f"driver must be one of {DRIVERS}, got {driver!r}")
+        self.model, self.optimizer, self.driver, self.loss = model, optimizer, driver, loss
+        self.passes = 0
+
+    def __call__(self, batch: Batch) -> torch.Tensor | None:
+        """Zero the gradients and make one step on ``batch``; returns the loss where the driver gives one."""
+
+        def closure() -> torch.Tensor:
+            self.passes += 1
+            loss = self.loss(self.model, batch)
+            loss.backward()
+            return loss
+
+        optimizer = self.optimizer
+        optimizer.zero_grad()
+        if self.driver == "plain":
+            loss = closure()
+            optimizer.step()
+        elif self.driver == "gsam":  # GSAM zeroes the grads itself and wants (outputs, loss)
+            loss = optimizer.step(torch.enable_grad()(lambda: (None, closure())))
+        elif self.driver == "closure":
+            loss = optimizer.step(closure)
+        else:  # SAM-style: the clean gradient first (LookSAM zeroes it on its reuse steps: skip it there)
+            if self.driver != "looksam" or optimizer.get_step() % optimizer.k == 0:
+                closure()
+            loss = optimizer.step(closure)
+        return loss if isinstance(loss, torch.Tensor) else None
 
 
 def fixed_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[dict[str, torch.Tensor]],
+    batches: Iterator[Batch],
     total: int,
     driver: str = "closure",
     label: str | None = None,
 ) -> dict[str, Any]:
-    """``total`` optimizer steps on the next ``total`` of ``batches``, the learning rate warmed up over 5 % of them,
-    then decayed linearly to 0 (on the base optimizer of a wrapper); the one loop every fixed-budget run trains with.
+    """``total`` optimizer steps (:class:`Stepper`) on the next ``total`` of ``batches``, the learning rate warmed up
+    over 5 % of them, then decayed linearly to 0 (on the base optimizer of a wrapper); the one loop every
+    fixed-budget run trains with.
 
-    ``driver`` says how a step drives ``optimizer``: ``"plain"`` (one backward, ``step()``: AdamW), ``"closure"``
-    (``step(closure)`` makes every pass: ACR, WSAM), ``"gsam"`` (the same with GSAM's ``(outputs, loss)``
-    closure), ``"sam"`` (the clean backward, then ``step(closure)``: SAM, ASAM, FriendlySAM), ``"looksam"`` (as
-    ``"sam"``, without the clean backward on the steps where LookSAM reuses its last direction and zeroes it).
     Returns ``{"steps", "passes", "train_seconds", "losses"}``: every forward/backward pass is counted, and
     ``losses`` holds the loss of each step whose driver returns one; with ``label``, a progress line every 100 steps.
     """
-    if driver not in DRIVERS:
-        raise ValueError(f"driver must be one of {DRIVERS}, got {driver!r}")
+    step = Stepper(model, optimizer, driver)
     base = getattr(optimizer, "base_optimizer", optimizer)
     schedule = get_linear_schedule_with_warmup(base, max(1, total // 20), total)
-    passes, losses = 0, []
+    losses = []
     start = time.perf_counter()
-    for step, batch in enumerate(itertools.islice(batches, total), 1):
-
-        def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
-            nonlocal passes
-            passes += 1
-            loss = model(**batch).loss
-            loss.backward()
-            return loss
-
-        optimizer.zero_grad()
-        if driver == "plain":
-            loss = closure()
-            optimizer.step()
-        elif driver == "gsam":  # GSAM zeroes the grads itself and wants (outputs, loss)
-            loss = optimizer.step(torch.enable_grad()(lambda: (None, closure())))
-        elif driver == "closure":
-            loss = optimizer.step(closure)
-        else:  # SAM-style: the clean gradient first (LookSAM zeroes it on its reuse steps: skip it there)
-            if driver != "looksam" or optimizer.get_step() % optimizer.k == 0:
-                closure()
-            loss = optimizer.step(closure)
+    for done, batch in enumerate(itertools.islice(batches, total), 1):
+        loss = step(batch)
         schedule.step()
-        if isinstance(loss, torch.Tensor):
+        if loss is not None:
             losses.append(float(loss.detach()))
-        if label is not None and step % 100 == 0:
-            print(f"  {label} step {step}/{total}: {time.perf_counter() - start:.0f} s", flush=True)
-    return {"steps": total, "passes": passes, "train_seconds": time.perf_counter() - start, "losses": losses}
+        if label is not None and done % 100 == 0:
+            print(f"  {label} step {done}/{total}: {time.perf_counter() - start:.0f} s", flush=True)
+    return {"steps": total, "passes": step.passes, "train_seconds": time.perf_counter() - start, "losses": losses}
 
 
 def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:

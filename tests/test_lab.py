@@ -45,3 +45,28 @@ def test_fill_replaces_only_the_named_sections():
     assert docs.fill(text, {"a": "new"}) == f"head\n{begin}\nnew\n{end}\nmid\n{docs.block('b', 'keep')}\ntail\n"
     with pytest.raises(KeyError):
         docs.fill(text, {"c": "lost"})
+
+
+def test_stepper_counts_every_pass_and_refuses_an_unknown_driver():
+    import torch
+
+    from acr_optim import ACR
+    from lab.loop import Stepper
+
+    class Regression(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), y)}
+
+    batch = {"x": torch.randn(8, 3), "y": torch.randn(8)}
+    model = Regression()
+    plain = Stepper(model, torch.optim.AdamW(model.parameters()), "plain")
+    acr = Stepper(model, ACR(torch.optim.AdamW(model.parameters()), eps=0.1), "closure")
+    for _ in range(3):
+        assert plain(batch) is not None and acr(batch) is not None
+    assert (plain.passes, acr.passes) == (3, 6)  # ACR: the clean and the corrupted pass
+    with pytest.raises(ValueError, match="driver"):
+        Stepper(model, torch.optim.AdamW(model.parameters()), "twice")
