@@ -64,18 +64,17 @@ class FaultSet:
     def check(self, params: list[Tensor], where: str) -> None:
         """Refuse parameters the fault cannot apply to (complex ones, a group size that does not divide a row),
         naming them."""
+        group = self.fault.settings.get("granularity") if self.fault.kind == "quantize" else None
         for i, p in enumerate(params):
-            if self.fault.targets(p) and not p.is_floating_point():
+            if not self.fault.targets(p):
+                continue
+            if not p.is_floating_point():
                 raise ValueError(
                     f"fault {self.fault.name!r} applies to real floating-point weights; parameter {i} in {where} is "
                     f"{p.dtype}: put it in a param group without acr_fault"
                 )
-        group = self.fault.settings.get("granularity")
-        if self.fault.kind != "quantize" or not isinstance(group, int):
-            return
-        for i, p in enumerate(params):
             cols = p[0].numel() if p.dim() >= 2 else p.numel()
-            if self.fault.targets(p) and cols % group:
+            if isinstance(group, int) and cols % group:
                 raise ValueError(
                     f"fault {self.fault.name!r}: the group size {group} must divide the row length {cols} of "
                     f"parameter {i} (shape {tuple(p.shape)}) in {where}; choose a group size that divides every "
