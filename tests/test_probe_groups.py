@@ -200,3 +200,117 @@ def test_bad_grouping_is_named():
         group_parameters(gpt2(), "module")
     with pytest.raises(TypeError, match=r"\(regex, group\) pairs"):
         group_parameters(gpt2(), ["attn"])
+
+
+# -- CNNs: the paper's Figure 4 components (Emb, Conv, BN, FC) and the ResNet stages, lower to upper ---------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block, by hand (torchvision is not a dependency)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + identity)
+
+
+class TorchvisionStyleResNet(nn.Module):
+    """torchvision.models.ResNet's layout (conv1, bn1, layer1..layer4 of basic blocks, fc), 2 blocks a stage."""
+
+    def __init__(self, widths=(4, 8, 8, 16), num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = widths[0]
+        for i, planes in enumerate(widths, start=1):
+            stride = 1 if i == 1 else 2
+            setattr(self, f"layer{i}", nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)))
+            inplanes = planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def hf_resnet():
+    return transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(
+            num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], layer_type="basic", num_labels=3
+        )
+    )
+
+
+def test_torchvision_style_resnet_types_and_stages():
+    model = TorchvisionStyleResNet()
+    types = group_parameters(model, "type")
+    _partition_ok(model, types)
+    assert list(types) == ["embedding", "norm", "convolution", "feed_forward"]
+    assert types["embedding"] == ["conv1.weight"]  # the stem; its BatchNorm is a norm
+    assert types["feed_forward"] == ["fc.weight", "fc.bias"]
+    norms = [k for k, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert types["norm"] == [f"{k}.{p}" for k in norms for p in ("weight", "bias")]
+    assert "layer2.0.downsample.0.weight" in types["convolution"] and len(types["convolution"]) == 19
+    layers = group_parameters(model, "layer")
+    _partition_ok(model, layers)
+    assert list(layers) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    assert layers["layer2"] == [k for k, _ in model.named_parameters() if k.startswith("layer2.")]
+
+
+def test_transformers_resnet_types_and_stages():
+    model = hf_resnet()
+    types = group_parameters(model, "type")
+    _partition_ok(model, types)
+    assert {group: len(members) for group, members in types.items()} == {
+        "embedding": 1,
+        "norm": 12,
+        "convolution": 5,
+        "feed_forward": 2,
+    }
+    assert types["embedding"] == ["resnet.embedder.embedder.convolution.weight"]
+    stem_norm = "resnet.embedder.embedder.normalization"
+    assert types["norm"][:2] == [f"{stem_norm}.weight", f"{stem_norm}.bias"]
+    assert "resnet.encoder.stages.1.layers.0.shortcut.convolution.weight" in types["convolution"]
+    assert types["feed_forward"] == ["classifier.1.weight", "classifier.1.bias"]
+    layers = group_parameters(model, "layer")
+    _partition_ok(model, layers)
+    assert list(layers) == ["embedder", "encoder.stages.0", "encoder.stages.1", "classifier"]
+    assert len(layers["encoder.stages.1"]) == 9  # two convolutions, the shortcut's, and their three BatchNorms
+
+
+def test_cnn_lists_of_single_layers_keep_their_entries():
+    # VGG's layout: two sibling Sequentials of single layers are not stages; a list without a stem conv has no stem
+    model = nn.Module()
+    model.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3))
+    model.classifier = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(), nn.Linear(4, 2))
+    assert list(group_parameters(model, "layer")) == ["features.0", "features.3", "classifier.0", "classifier.3"]
+    assert list(group_parameters(model, "type")) == ["convolution", "feed_forward"]
+
+
+def test_probe_by_type_and_layer_on_a_resnet():
+    from acr_optim.probe import probe
+
+    model = hf_resnet()
+    torch.manual_seed(0)
+    batches = [{"pixel_values": torch.randn(4, 1, 16, 16), "labels": torch.tensor([0, 1, 2, 0])}]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    by_type = probe(model, batches, eps=0.5, p=float("inf"), n=10, by="type")
+    assert [row["group"] for row in by_type.rows] == ["all", "embedding", "norm", "convolution", "feed_forward"]
+    assert all(row["delta_loss"] > 0 for row in by_type.rows)
+    by_layer = probe(model, batches, eps=0.5, p=float("inf"), n=10, by="layer", include_all=False)
+    assert [row["group"] for row in by_layer.rows] == ["embedder", "encoder.stages.0", "encoder.stages.1", "classifier"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BatchNorm statistics included
