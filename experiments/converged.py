@@ -43,9 +43,7 @@ part of a record's ``environment``, not of its settings).  ``--commit`` commits 
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +68,6 @@ from lab.records import (
     load_records,
     record_path,
     release,
-    write_atomically,
     write_record,
 )
 from recipes.de_en import seq2seq_from_config, train_sentencepiece_style_tokenizer
@@ -229,69 +226,31 @@ def mean_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
 def fit(
     model: nn.Module, data: Family, method: Method, seed: int, args: argparse.Namespace, checkpoint: Path
 ) -> dict[str, Any]:
-    """Train until the held-out loss has not beaten its best by ``min_delta`` for ``patience`` evaluations in a row
-    (each such evaluation multiplies the lr by ``lr_decay``) or the step cap is reached; restore the best checkpoint.
-
-    After every evaluation the whole training state (model, optimizer, best checkpoint, data order, RNG) is saved to
-    ``checkpoint``; a run that finds it there goes on from it, bit for bit the run that was stopped."""
+    """:func:`lab.loop.plateau_fit` of ``method`` on the family's training data, stopped on its held-out loss (the
+    patience and the step cap times ``method.budget``), resumed from ``checkpoint`` where a run left one."""
     optimizer = method.build(model, args.lr, args.weight_decay)
     step = loop.Stepper(
         model, optimizer, method.driver, functools.partial(training_loss, smoothing=args.label_smoothing)
     )
-    order = torch.Generator().manual_seed(seed)
-    patience, max_steps = args.patience * method.budget, args.max_steps * method.budget
-    state: dict[str, Any] = {"step": 0, "bad": 0, "queue": [], "seconds": 0.0, "resumes": []}
-    state["best"] = {"loss": math.inf, "step": 0, "model": copy.deepcopy(model.state_dict())}
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint)
-        if (trained_on := saved.pop("device", "cpu")) != data.device.type:
-            raise SystemExit(
-                f"--device {data.device}: {checkpoint} holds a run in progress on {trained_on}, and a record names one "
-                f"device: resume it with --device {trained_on}, or delete the file to start the run again"
-            )
-        model.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        order.set_state(saved.pop("order"))
-        torch.set_rng_state(saved.pop("rng"))
-        if data.device.type == "cuda":  # dropout's RNG there
-            torch.cuda.set_rng_state(saved.pop("cuda_rng"), data.device)
-        state = saved | {"resumes": [*saved["resumes"], saved["step"]]}
-        print(f"  {method.name} seed {seed}: resumed at step {state['step']} from {checkpoint}")
-    best, queue = state["best"], state["queue"]
-    start = time.perf_counter() - state["seconds"]
-    while state["step"] < max_steps and state["bad"] < patience:
-        model.train()
-        for _ in range(args.eval_every):
-            if not queue:
-                queue += [b.tolist() for b in torch.randperm(len(data.train), generator=order).split(args.batch_size)]
-            batch = tasks.to_device(data.collate([data.train[i] for i in queue.pop()]), data.device)
-            step(batch)
-            state["step"] += 1
-        loss = mean_loss(model, data.heldout)
-        if loss < best["loss"] - args.min_delta:
-            best |= {"loss": loss, "step": state["step"], "model": copy.deepcopy(model.state_dict())}
-            state["bad"] = 0
-        else:
-            state["bad"] += 1
-            for group in optimizer.param_groups:  # ACR's are its base optimizer's
-                group["lr"] *= args.lr_decay
-        print(f"  {method.name} seed {seed} step {state['step']}: held-out loss {loss:.4f}", end=" ")
-        print(f"(best {best['loss']:.4f} at {best['step']})")
-        state["seconds"] = time.perf_counter() - start
-        training = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        training |= {"order": order.get_state(), "rng": torch.get_rng_state(), "device": data.device.type}
-        if data.device.type == "cuda":
-            training["cuda_rng"] = torch.cuda.get_rng_state(data.device)
-        write_atomically(checkpoint, functools.partial(torch.save, state | training))
-    model.load_state_dict(best["model"])
-    return {
-        "steps": state["step"],
-        "best_step": best["step"],
-        "epochs": best["step"] * args.batch_size / len(data.train),
-        "stopped": "patience" if state["bad"] >= patience else "step cap",
-        "train_seconds": time.perf_counter() - start,
-        "resumed_at": state["resumes"],
-    }
+    plateau = loop.Plateau(
+        eval_every=args.eval_every,
+        patience=args.patience * method.budget,
+        max_steps=args.max_steps * method.budget,
+        min_delta=args.min_delta,
+        lr_decay=args.lr_decay,
+    )
+    return loop.plateau_fit(
+        step,
+        data.train,
+        data.collate,
+        args.batch_size,
+        seed,
+        lambda: mean_loss(model, data.heldout),
+        plateau,
+        checkpoint,
+        data.device,
+        f"{method.name} seed {seed}",
+    )
 
 
 def scores(

@@ -1,16 +1,20 @@
-"""The fixed-budget training loop of the experiments: AdamW, or ``ACR(AdamW)``, from a seed, on the batches
-that seed gives every method, with a model cache (:func:`train`); a fixed-budget run as a record (train or reuse
-the model, measure it, write the record: :func:`fixed_budget_runs`); and where a run ran (:func:`environment`)."""
+"""The training loops of the experiments and the frontier, around one optimizer step (:class:`Stepper`): a fixed
+budget of steps (:func:`fixed_steps`; with a method from a seed and a model cache, :func:`train`), or until the
+held-out loss stops improving, with bitwise resume (:func:`plateau_fit`); a fixed-budget run as a record (train or
+reuse the model, measure it, write the record: :func:`fixed_budget_runs`); and where a run ran (:func:`environment`)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import itertools
 import json
+import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
 
 from lab.methods import Method, adamw
-from lab.records import config_key, read_record, record_path, write_record
-from lab.tasks import Task, build_task, model_settings
+from lab.records import config_key, read_record, record_path, write_atomically, write_record
+from lab.tasks import Task, build_task, model_settings, to_device
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,94 @@ def fixed_steps(
         if label is not None and done % 100 == 0:
             print(f"  {label} step {done}/{total}: {time.perf_counter() - start:.0f} s", flush=True)
     return {"steps": total, "passes": step.passes, "train_seconds": time.perf_counter() - start, "losses": losses}
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """When a plateau-stopped run is evaluated, slowed down and stopped: the held-out loss every ``eval_every`` steps;
+    an evaluation that does not beat the best by ``min_delta`` multiplies the learning rate by ``lr_decay``, and
+    ``patience`` of them in a row, or ``max_steps`` steps, end the run."""
+
+    eval_every: int
+    patience: int
+    max_steps: int
+    min_delta: float
+    lr_decay: float
+
+
+def plateau_fit(
+    step: Stepper,
+    train: Sequence[dict[str, list[int]]],
+    collate: Callable[[list[dict[str, list[int]]]], Batch],
+    batch_size: int,
+    seed: int,
+    heldout_loss: Callable[[], float],
+    plateau: Plateau,
+    checkpoint: Path,
+    device: torch.device | str = "cpu",
+    label: str = "run",
+) -> dict[str, Any]:
+    """Train ``step.model`` on batches of ``train`` (a fresh permutation from ``seed`` each epoch, on ``device``)
+    until :class:`Plateau` stops it; restore the best checkpoint (lowest ``heldout_loss()``).
+
+    After every evaluation the whole training state (model, optimizer, best checkpoint, data order, RNG) is saved to
+    ``checkpoint``; a run that finds it there goes on from it, bit for bit the run that was stopped (on the device it
+    trained on).  Returns ``{"steps", "best_step", "epochs", "stopped", "train_seconds", "resumed_at"}``."""
+    model = step.model
+    order = torch.Generator().manual_seed(seed)
+    optimizer, device = step.optimizer, torch.device(device)
+    state: dict[str, Any] = {"step": 0, "bad": 0, "queue": [], "seconds": 0.0, "resumes": []}
+    state["best"] = {"loss": math.inf, "step": 0, "model": copy.deepcopy(model.state_dict())}
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint)
+        if (trained_on := saved.pop("device", "cpu")) != device.type:
+            raise SystemExit(
+                f"--device {device}: {checkpoint} holds a run in progress on {trained_on}, and a record names one "
+                f"device: resume it with --device {trained_on}, or delete the file to start the run again"
+            )
+        model.load_state_dict(saved.pop("model"))
+        optimizer.load_state_dict(saved.pop("optimizer"))
+        order.set_state(saved.pop("order"))
+        torch.set_rng_state(saved.pop("rng"))
+        if device.type == "cuda":  # dropout's RNG there
+            torch.cuda.set_rng_state(saved.pop("cuda_rng"), device)
+        state = saved | {"resumes": [*saved["resumes"], saved["step"]]}
+        print(f"  {label}: resumed at step {state['step']} from {checkpoint}")
+    best, queue = state["best"], state["queue"]
+    start = time.perf_counter() - state["seconds"]
+    while state["step"] < plateau.max_steps and state["bad"] < plateau.patience:
+        model.train()
+        for _ in range(plateau.eval_every):
+            if not queue:
+                queue += [b.tolist() for b in torch.randperm(len(train), generator=order).split(batch_size)]
+            batch = to_device(collate([train[i] for i in queue.pop()]), device)
+            step(batch)
+            state["step"] += 1
+        loss = heldout_loss()
+        if loss < best["loss"] - plateau.min_delta:
+            best |= {"loss": loss, "step": state["step"], "model": copy.deepcopy(model.state_dict())}
+            state["bad"] = 0
+        else:
+            state["bad"] += 1
+            for group in optimizer.param_groups:  # ACR's are its base optimizer's
+                group["lr"] *= plateau.lr_decay
+        print(f"  {label} step {state['step']}: held-out loss {loss:.4f}", end=" ")
+        print(f"(best {best['loss']:.4f} at {best['step']})")
+        state["seconds"] = time.perf_counter() - start
+        training = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        training |= {"order": order.get_state(), "rng": torch.get_rng_state(), "device": device.type}
+        if device.type == "cuda":
+            training["cuda_rng"] = torch.cuda.get_rng_state(device)
+        write_atomically(checkpoint, functools.partial(torch.save, state | training))
+    model.load_state_dict(best["model"])
+    return {
+        "steps": state["step"],
+        "best_step": best["step"],
+        "epochs": best["step"] * batch_size / len(train),
+        "stopped": "patience" if state["bad"] >= plateau.patience else "step cap",
+        "train_seconds": time.perf_counter() - start,
+        "resumed_at": state["resumes"],
+    }
 
 
 def train(task: Task, recipe: Recipe, cache_root: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
