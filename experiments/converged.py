@@ -45,18 +45,14 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-from acr_optim.data import load_parallel
 from acr_optim.probe import probe
-from acr_optim.probe.metrics import MetricFn, bleu, perplexity
+from acr_optim.probe.metrics import MetricFn
 from lab import cli, loop, methods, tasks
 from lab.fragility import fragility_rows, paper_view
 from lab.methods import Method, final_methods
@@ -70,8 +66,6 @@ from lab.records import (
     release,
     write_record,
 )
-from recipes.de_en import seq2seq_from_config, train_sentencepiece_style_tokenizer
-from recipes.lm import load_text_file, train_byte_level_tokenizer
 
 FINDING = "converged"
 FAMILIES = ("lstm", "gpt2", "marian")
@@ -95,117 +89,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class LSTMLM(nn.Module):
-    """Embedding -> dropout -> LSTM -> dropout -> tied output layer; ``forward`` returns ``{"loss", "logits"}``
-    (next-token cross-entropy when ``labels`` are given), so ``acr_optim.probe``'s default loss applies."""
-
-    def __init__(self, vocab: int, width: int, layers: int, dropout: float) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.drop = nn.Dropout(dropout)
-        self.lstm = nn.LSTM(width, width, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
-        self.out = nn.Linear(width, vocab)
-        self.out.weight = self.embed.weight
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, **_: Any) -> dict[str, Tensor]:
-        hidden, _ = self.lstm(self.drop(self.embed(input_ids)))
-        logits = self.out(self.drop(hidden))
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-            )
-        return out
-
-
-@dataclass
-class Family:
-    """A corpus split three ways (train, held-out for stopping, test for the score) and the model trained on it."""
-
-    name: str
-    train: list[dict[str, list[int]]]
-    collate: Callable[[list[dict[str, list[int]]]], dict[str, Tensor]]
-    heldout: list[dict[str, Tensor]]
-    test: list[dict[str, Tensor]]
-    device: torch.device
-    new_model: Callable[[], nn.Module]
-    metric: str
-    metric_fn: MetricFn
-
-
-def lm_family(args: argparse.Namespace) -> Family:
-    """WikiText-2: ``valid.txt`` split by lines into training and held-out text, ``test.txt`` for the score."""
-    folder = args.data / "wikitext-2"
-    lines = list(load_text_file(str(folder / "valid.txt.gz"), "--data")["text"])
-    test = list(load_text_file(str(folder / "test.txt.gz"), "--data")["text"])
-    cut = round(len(lines) * (1 - args.heldout))
-    key = config_key({"vocab": args.vocab, "heldout": args.heldout})
-    tokenizer = tasks.cached_tokenizer(
-        args.cache / f"tokenizer-lstm-{key}", train_byte_level_tokenizer, lines[:cut], args.vocab
-    )
-
-    def batches(texts: list[str], limit: int | None = None) -> list[dict[str, Tensor]]:
-        blocks = tasks.lm_blocks(tokenizer, texts, args.block_size)[:limit]
-        return [
-            tasks.to_device(tasks.stack(blocks[i : i + args.batch_size]), args.device)
-            for i in range(0, len(blocks), args.batch_size)
-        ]
-
-    def new_model() -> nn.Module:
-        if args.family == "lstm":
-            return LSTMLM(len(tokenizer), args.width, args.layers, args.dropout)
-        return AutoModelForCausalLM.from_config(tasks.gpt2_config(tokenizer, vars(args), args.dropout))
-
-    train = tasks.lm_blocks(tokenizer, lines[:cut], args.block_size)
-    heldout, scored = batches(lines[cut:]), batches(test, args.test_blocks)
-    if not train or not heldout:
-        raise SystemExit(
-            f"--heldout {args.heldout}: leaves no training or no held-out block of {args.block_size} tokens"
-        )
-    return Family(args.family, train, tasks.stack, heldout, scored, args.device, new_model, "perplexity", perplexity)
-
-
-def marian_family(args: argparse.Namespace) -> Family:
-    """Multi30k De->En: ``train`` to train, ``val`` to stop, ``test_2016_flickr`` for BLEU."""
-    folder = args.data / "multi30k"
-    split = {
-        name: list(load_parallel(str(folder / name), "de", "en")["translation"])
-        for name in ("train", "val", "test_2016_flickr")
-    }
-    texts = [t for pair in split["train"] for t in (pair["de"], pair["en"])]
-    tokenizer = tasks.cached_tokenizer(
-        args.cache / f"tokenizer-marian-{config_key({'vocab': args.vocab})}",
-        train_sentencepiece_style_tokenizer,
-        texts,
-        args.vocab,
-    )
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
-
-    def batches(rows: list[dict[str, str]]) -> list[dict[str, Tensor]]:
-        features = tasks.encode_pairs(tokenizer, rows)
-        return [
-            tasks.to_device(collate(features[i : i + args.batch_size]), args.device)
-            for i in range(0, len(features), args.batch_size)
-        ]
-
-    def new_model() -> nn.Module:
-        return seq2seq_from_config(tasks.marian_config(tokenizer, vars(args), args.dropout), tokenizer)
-
-    return Family(
-        "marian",
-        tasks.encode_pairs(tokenizer, split["train"]),
-        collate,
-        batches(split["val"]),
-        batches(split["test_2016_flickr"][: args.test_blocks]),
-        args.device,
-        new_model,
-        "bleu",
-        bleu(tokenizer, max_new_tokens=64, num_beams=args.beams),
-    )
-
-
 def training_loss(model: nn.Module, batch: dict[str, Tensor], smoothing: float) -> Tensor:
     """The model's own loss, or (``smoothing > 0``, seq2seq) cross-entropy with label smoothing over the label tokens."""
     out = model(**batch)
@@ -224,7 +107,7 @@ def mean_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
 
 
 def fit(
-    model: nn.Module, data: Family, method: Method, seed: int, args: argparse.Namespace, checkpoint: Path
+    model: nn.Module, data: tasks.Family, method: Method, seed: int, args: argparse.Namespace, checkpoint: Path
 ) -> dict[str, Any]:
     """:func:`lab.loop.plateau_fit` of ``method`` on the family's training data, stopped on its held-out loss (the
     patience and the step cap times ``method.budget``), resumed from ``checkpoint`` where a run left one."""
@@ -271,7 +154,7 @@ def scores(
 
 
 def run(
-    data: Family, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any], checkpoint: Path
+    data: tasks.Family, method: Method, seed: int, args: argparse.Namespace, settings: dict[str, Any], checkpoint: Path
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = data.new_model().to(data.device)
@@ -373,7 +256,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     the final rows without ``eps`` meanwhile and the others once the sweep's records are in."""
     args = arguments(argv)
     cli.setup(args)
-    data = marian_family(args) if args.family == "marian" else lm_family(args)
+    data = tasks.marian_family(args) if args.family == "marian" else tasks.lm_family(args)
     common = {k: getattr(args, k) for k in SETTINGS} | {"optimizer": "AdamW, lr decay on plateau"}
     num_params = sum(p.numel() for p in data.new_model().parameters())
     written = []

@@ -1,7 +1,11 @@
-"""The two fixed-budget tasks of the experiments and benchmarks, each one :class:`Task`: Multi30k De->En with a
-tiny Marian (BLEU) and WikiText-2 with a tiny GPT-2 (perplexity).  The data readers, tokenizer trainers and model
-configurations are the recipes' own (``recipes/de_en.py``, ``recipes/lm.py``, imported as the ``recipes`` package
-from the repository root), so an experiment's model is the recipe's model at another size.
+"""The tasks of the experiments and benchmarks.
+
+The two fixed-budget tasks, each one :class:`Task`: Multi30k De->En with a tiny Marian (BLEU) and WikiText-2 with a
+tiny GPT-2 (perplexity).  The converged runs' families, each one :class:`Family` with train / held-out / test
+splits: an LSTM LM (:class:`LSTMLM`) or the tiny GPT-2 on WikiText-2 (:func:`lm_family`), the tiny Marian on
+Multi30k (:func:`marian_family`).  The data readers, tokenizer trainers and model configurations are the recipes'
+own (``recipes/de_en.py``, ``recipes/lm.py``, imported as the ``recipes`` package from the repository root), so an
+experiment's model is the recipe's model at another size.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForSeq2Seq,
@@ -23,7 +27,7 @@ from transformers import (
 )
 
 from acr_optim.data import load_parallel
-from acr_optim.probe.metrics import bleu, perplexity
+from acr_optim.probe.metrics import MetricFn, bleu, perplexity
 from lab.records import config_key
 from recipes.de_en import TINY_MARIAN, fit_to_tokenizer, seq2seq_from_config, train_sentencepiece_style_tokenizer
 from recipes.lm import TINY_GPT2, load_text_file, train_byte_level_tokenizer
@@ -187,4 +191,118 @@ def build_task(name: str, args: argparse.Namespace) -> Task:
         metric_fn=metric_fn,
         metric=METRIC[name],
         config=cfg,
+    )
+
+
+# -- the converged runs' families: train, held-out (for stopping) and test splits -----------------------------
+
+
+class LSTMLM(nn.Module):
+    """Embedding -> dropout -> LSTM -> dropout -> tied output layer; ``forward`` returns ``{"loss", "logits"}``
+    (next-token cross-entropy when ``labels`` are given), so ``acr_optim.probe``'s default loss applies."""
+
+    def __init__(self, vocab: int, width: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(width, width, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.out = nn.Linear(width, vocab)
+        self.out.weight = self.embed.weight
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, **_: Any) -> dict[str, Tensor]:
+        hidden, _ = self.lstm(self.drop(self.embed(input_ids)))
+        logits = self.out(self.drop(hidden))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
+            )
+        return out
+
+
+@dataclass
+class Family:
+    """A corpus split three ways (train, held-out for stopping, test for the score) and the model trained on it."""
+
+    name: str
+    train: list[dict[str, list[int]]]
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, Tensor]]
+    heldout: list[dict[str, Tensor]]
+    test: list[dict[str, Tensor]]
+    device: torch.device
+    new_model: Callable[[], nn.Module]
+    metric: str
+    metric_fn: MetricFn
+
+
+def lm_family(args: argparse.Namespace) -> Family:
+    """WikiText-2: ``valid.txt`` split by lines into training and held-out text, ``test.txt`` for the score."""
+    folder = args.data / "wikitext-2"
+    lines = list(load_text_file(str(folder / "valid.txt.gz"), "--data")["text"])
+    test = list(load_text_file(str(folder / "test.txt.gz"), "--data")["text"])
+    cut = round(len(lines) * (1 - args.heldout))
+    key = config_key({"vocab": args.vocab, "heldout": args.heldout})
+    tokenizer = cached_tokenizer(
+        args.cache / f"tokenizer-lstm-{key}", train_byte_level_tokenizer, lines[:cut], args.vocab
+    )
+
+    def batches(texts: list[str], limit: int | None = None) -> list[dict[str, Tensor]]:
+        blocks = lm_blocks(tokenizer, texts, args.block_size)[:limit]
+        return [
+            to_device(stack(blocks[i : i + args.batch_size]), args.device)
+            for i in range(0, len(blocks), args.batch_size)
+        ]
+
+    def new_model() -> nn.Module:
+        if args.family == "lstm":
+            return LSTMLM(len(tokenizer), args.width, args.layers, args.dropout)
+        return AutoModelForCausalLM.from_config(gpt2_config(tokenizer, vars(args), args.dropout))
+
+    train = lm_blocks(tokenizer, lines[:cut], args.block_size)
+    heldout, scored = batches(lines[cut:]), batches(test, args.test_blocks)
+    if not train or not heldout:
+        raise SystemExit(
+            f"--heldout {args.heldout}: leaves no training or no held-out block of {args.block_size} tokens"
+        )
+    return Family(args.family, train, stack, heldout, scored, args.device, new_model, "perplexity", perplexity)
+
+
+def marian_family(args: argparse.Namespace) -> Family:
+    """Multi30k De->En: ``train`` to train, ``val`` to stop, ``test_2016_flickr`` for BLEU."""
+    folder = args.data / "multi30k"
+    split = {
+        name: list(load_parallel(str(folder / name), "de", "en")["translation"])
+        for name in ("train", "val", "test_2016_flickr")
+    }
+    texts = [t for pair in split["train"] for t in (pair["de"], pair["en"])]
+    tokenizer = cached_tokenizer(
+        args.cache / f"tokenizer-marian-{config_key({'vocab': args.vocab})}",
+        train_sentencepiece_style_tokenizer,
+        texts,
+        args.vocab,
+    )
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+
+    def batches(rows: list[dict[str, str]]) -> list[dict[str, Tensor]]:
+        features = encode_pairs(tokenizer, rows)
+        return [
+            to_device(collate(features[i : i + args.batch_size]), args.device)
+            for i in range(0, len(features), args.batch_size)
+        ]
+
+    def new_model() -> nn.Module:
+        return seq2seq_from_config(marian_config(tokenizer, vars(args), args.dropout), tokenizer)
+
+    return Family(
+        "marian",
+        encode_pairs(tokenizer, split["train"]),
+        collate,
+        batches(split["val"]),
+        batches(split["test_2016_flickr"][: args.test_blocks]),
+        args.device,
+        new_model,
+        "bleu",
+        bleu(tokenizer, max_new_tokens=64, num_beams=args.beams),
     )

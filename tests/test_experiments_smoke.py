@@ -33,7 +33,7 @@ import gradient_vs_random
 import summarize
 import where_fragile
 
-from lab import docs, methods
+from lab import docs, methods, tasks
 
 TINY = ["--steps", "3", "--batch-size", "8", "--width", "16", "--layers", "1", "--vocab", "200"]
 TINY += ["--max-train", "200", "--eval-size", "4", "--block-size", "16", "--threads", "1"]
@@ -296,7 +296,7 @@ def test_converged_run_resumes_bit_for_bit(tmp_path, cache, monkeypatch):
     # Every evaluation after the first fails to improve by --min-delta 10: the lr decays after the resumption too.
     argv = [*CONVERGED, "--data", str(DATA), "--cache", str(cache), "--block-size", "16", "--heldout", "0.02"]
     args = converged.arguments([*argv, "--max-steps", "8", "--patience", "9", "--min-delta", "10"])
-    data = converged.lm_family(args)
+    data = tasks.lm_family(args)
     method = methods.acr("acr", 0.5)  # ACR's and AdamW's state, dropout's RNG
 
     def fit(checkpoint: Path, init_seed: int) -> tuple[torch.nn.Module, dict]:
