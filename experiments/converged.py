@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Finding 3 at convergence (paper Table 2): three model families trained until validation loss stops improving.
 
-Families (``--family``), each a small model trained from scratch in plain PyTorch by this script's own
-loop (the ``ACR`` optimizer driven directly, no Trainer):
+Families (``--family``, ``lab.tasks.Family``), each a small model trained from scratch in plain PyTorch by the lab's
+plateau-stopped loop (``lab.loop.plateau_fit``: the ``ACR`` optimizer driven directly, no Trainer):
 
 - ``lstm``, the paper's LM family: a subword LSTM LM (tied embedding, dropout) on WikiText-2;
 - ``gpt2``: the tiny GPT-2 of the other experiments (``TINY_GPT2`` at ``--width``/``--layers``), with dropout;

@@ -65,7 +65,7 @@ FIGURE = DOCS.parent / "images" / "results" / "lm_real_faults.png"
 
 
 def methods(eps: float, num_params: int) -> list[Method]:
-    """AdamW, ACR, ACR p=inf and SAM of ``converged.final_methods`` (without its 2x-budget AdamW)."""
+    """AdamW, ACR, ACR p=inf and SAM of ``lab.methods.final_methods`` (without its 2x-budget AdamW)."""
     return [m for m in final_methods(eps, num_params) if m.budget == 1]
 
 
