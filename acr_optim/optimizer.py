@@ -23,6 +23,7 @@ from .corruption import (
     support,
 )
 from .fault_sets import FaultSet, fault_set
+from .replay import replaying, rng_state
 
 __all__ = ["ACR"]
 
@@ -550,8 +551,10 @@ class ACR(Optimizer):
         """One ACR step.
 
         With a closure: clean pass (closure call 1), :meth:`perturb`, corrupted pass (closure
-        call 2, skipped when :meth:`perturb` returns False, e.g. on the non-corrupting steps of
-        ``interval > 1``), :meth:`restore`, base step; returns the clean loss.  Without one:
+        call 2, from the random-number state call 1 started from, so dropout draws the same masks:
+        :mod:`acr_optim.replay`; skipped when :meth:`perturb` returns False, e.g. on the
+        non-corrupting steps of ``interval > 1``), :meth:`restore`, base step; returns the clean
+        loss.  The generators then continue from where the clean pass left them.  Without one:
         :meth:`restore` if still perturbed, then the base step; it requires :meth:`perturb` to
         have run since the last step unless no group needs a corruption (all ``alpha`` or all
         ``eps`` zero, or a non-corrupting step of ``interval > 1``).
@@ -574,12 +577,13 @@ class ACR(Optimizer):
         else:
             if self._pending is not None:
                 raise RuntimeError("step(closure) while perturbed: call restore() first")
+            rng = rng_state({p.device for group in self.param_groups for p in group["params"]})
             with torch.enable_grad():
                 loss = closure()
             finite = _is_finite(loss)
             if finite and self.perturb():
                 try:
-                    with torch.enable_grad():
+                    with torch.enable_grad(), replaying(rng):  # the clean pass's dropout masks (acr_optim.replay)
                         finite = _is_finite(closure())
                 finally:
                     self.restore()

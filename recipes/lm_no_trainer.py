@@ -15,8 +15,9 @@ with ``(1 - alpha) g(w) + alpha g(w + a)`` in ``.grad``; then clip and step as u
     accelerate launch recipes/lm_no_trainer.py --resume_from_checkpoint outputs/lm_no_trainer/step_100
 
 Data and model options are ``lm.py``'s (``--train_file``, ``--model_name_or_path``, ``--acr_eps``,
-``--corruption_eval_eps``, ...); the loop's own are in :class:`LoopArguments`.  Unlike ``lm.py``,
-the corrupted pass draws fresh dropout masks (``ACRCallback`` replays the clean pass's masks).
+``--corruption_eval_eps``, ...); the loop's own are in :class:`LoopArguments`.  As in ``lm.py`` (``ACRCallback``), the corrupted pass
+replays each micro-batch from the random-number state of its clean pass, so dropout draws the same
+masks (``acr_optim.replay``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from lm import LMArguments, causal_lm, lm_card, lm_tokenizer, load_text_splits, 
 
 from acr_optim import ACR
 from acr_optim.errors import exit_on_usage_error
+from acr_optim.replay import RNGState, replaying, rng_state
 
 
 @dataclass
@@ -132,9 +134,13 @@ def save_metrics(output_dir: Path, split: str, metrics: dict[str, Any]) -> None:
 
 
 def corrupted_pass(
-    accelerator: Accelerator, model: torch.nn.Module, acr: ACR, micro_batches: list[dict[str, torch.Tensor]]
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    acr: ACR,
+    micro_batches: list[tuple[dict[str, torch.Tensor], RNGState]],
 ) -> torch.Tensor | None:
-    """The step's micro-batches again at ``w + a(g)``, ``g`` the accumulated clean gradient in ``.grad``.
+    """The step's micro-batches again at ``w + a(g)``, ``g`` the accumulated clean gradient in ``.grad``,
+    each from the random-number state its clean pass started from (the same dropout masks).
 
     Their gradients accumulate onto ``g`` (synchronised across processes on the last micro-batch only,
     as in the clean pass); on leaving ``perturbed()`` the weights are ``w`` again, bit for bit, and
@@ -145,9 +151,9 @@ def corrupted_pass(
         if not active:
             return None
         losses = []
-        for i, batch in enumerate(micro_batches):
+        for i, (batch, rng) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with contextlib.nullcontext() if last else accelerator.no_sync(model), replaying(rng):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
             losses.append(loss.detach())
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Training: the clean pass over the step's micro-batches, then (ACR) the corrupted pass, clip, step.
     start = time.perf_counter()
-    micro_batches: list[dict[str, torch.Tensor]] = []
+    micro_batches: list[tuple[dict[str, torch.Tensor], RNGState]] = []
     clean_loss = torch.zeros((), device=accelerator.device)
     window: list[torch.Tensor] = []  # (clean, corrupted) loss of each step since the last log
     train_loss_sum, first_step = torch.zeros((), device=accelerator.device), progress.step
@@ -221,9 +227,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batches = accelerator.skip_first_batches(train_loader, progress.batch) if progress.batch else train_loader
         for batch in batches:
             with accelerator.accumulate(model):
+                rng = rng_state([accelerator.device])
                 loss = model(**batch).loss
                 accelerator.backward(loss)  # accumulates the clean gradient over the step's micro-batches
-                micro_batches.append(batch)
+                micro_batches.append((batch, rng))
                 clean_loss += loss.detach()
                 if accelerator.sync_gradients:  # the step's last micro-batch: .grad holds the (all-reduced) g
                     corrupted_loss = corrupted_pass(accelerator, model, acr, micro_batches) if acr else None

@@ -468,3 +468,24 @@ def test_trainer_callback_replay_leaves_the_buffers_of_the_plain_trainer(tmp_pat
         buffers[label] = list(model.buffers())
     assert_bitwise(buffers["acr"], buffers["plain"])
     assert int(buffers["acr"][2]) == 4 * accumulation  # BatchNorm2d's num_batches_tracked: one per clean micro-batch
+
+
+# -- the corrupted pass's random numbers: the clean pass's (acr_optim.replay) ------------------------
+
+
+def test_step_closure_replays_the_clean_pass_dropout_masks_and_continues_the_stream():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    masks = []
+    model[1].register_forward_hook(lambda module, inputs, output: masks.append(output.eq(0)))
+    acr = ACR(torch.optim.SGD(model.parameters(), lr=0.1), eps=0.1)
+    torch.manual_seed(1)
+    acr.step(closure_for(model, x, y))
+    after_acr = torch.rand(3)
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])  # the corrupted pass saw the clean pass's mask
+    # and the stream goes on as after the clean pass alone: the plain step's next draw
+    plain = copy.deepcopy(model)
+    torch.manual_seed(1)
+    plain(x)
+    assert torch.equal(torch.rand(3), after_acr)

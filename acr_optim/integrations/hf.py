@@ -98,6 +98,7 @@ from ..buffers import preserved_buffers
 from ..checks import check_alpha, check_eps, check_n, check_p
 from ..fault_sets import fault_set
 from ..optimizer import ACR
+from ..replay import RNGState, replaying, rng_state
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "TRAINER_INTERNALS", "ACRCallback"]
 
@@ -251,19 +252,6 @@ def find_acr(optimizer: Optimizer | None) -> ACR | None:
     return optimizer
 
 
-def _rng_state(device: torch.device) -> list[Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type != "cpu":
-        states.append(torch.get_device_module(device.type).get_rng_state())
-    return states
-
-
-def _set_rng_state(device: torch.device, states: list[Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    if device.type != "cpu":
-        torch.get_device_module(device.type).set_rng_state(states[1])
-
-
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 _DATA = ("train_dataset", "eval_dataset")  # the Trainer's inputs, which training_step reads but does not count in
 
@@ -373,7 +361,7 @@ class ACRCallback(TrainerCallback):
         self.per_replica = bool(per_replica)
         self.trainer: Trainer | None = None
         self._own_acr: ACR | None = None
-        self._batches: list[tuple[Any, Any, list[Tensor]]] = []
+        self._batches: list[tuple[Any, Any, RNGState]] = []
         self._clean_loss: Tensor | None = None
         self._reset_stats()
 
@@ -441,7 +429,7 @@ class ACRCallback(TrainerCallback):
         @functools.wraps(training_step)
         def wrapped(model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
             trainer = self.trainer
-            rng = _rng_state(trainer.args.device)
+            rng = rng_state([trainer.args.device])
             local = trainer.accelerator.no_sync(model) if self.per_replica else contextlib.nullcontext()
             with local:
                 loss = training_step(model, inputs, num_items_in_batch)
@@ -473,7 +461,6 @@ class ACRCallback(TrainerCallback):
             if distributed:
                 _all_reduce_mean_grads(model)
             return
-        after = _rng_state(device)
         corrupted = torch.zeros((), device=device)
         sync_each_batch = trainer.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False)
         try:
@@ -481,14 +468,12 @@ class ACRCallback(TrainerCallback):
             unperturbed = contextlib.nullcontext() if perturbed else preserved_buffers()
             with _trainer_bookkeeping_kept(trainer), unperturbed:
                 for i, (inputs, num_items_in_batch, rng) in enumerate(batches):
-                    _set_rng_state(device, rng)
                     last = i == len(batches) - 1
                     sync = contextlib.nullcontext() if last or sync_each_batch else trainer.accelerator.no_sync(model)
-                    with sync:
+                    with sync, replaying(rng):  # the clean pass's dropout masks (acr_optim.replay)
                         corrupted = corrupted + training_step(model, inputs, num_items_in_batch)
         finally:
             acr.restore()
-            _set_rng_state(device, after)
         # The Trainer counts one forward and backward per micro-batch in total_flos; the replay ran one more.
         trainer.current_flos += sum(float(trainer.floating_point_ops(inputs)) for inputs, _, _ in batches)
         if perturbed:
