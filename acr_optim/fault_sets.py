@@ -94,16 +94,15 @@ class FaultSet:
                 scratch = torch.empty(2, min(_CHUNK, w.numel()), dtype=w.dtype, device=w.device)
                 for part, g_part, half in self._box_chunks(target, g.reshape(target.shape), scratch[1]):
                     a = scratch[0, : part.numel()].view(part.shape)  # cache-sized and reused: no allocation per pass
-                    if self.mode == "worst":
-                        torch.sign(g_part, out=a)
-                    else:
-                        a.random_(0, 2).mul_(2).sub_(1)
-                    a.mul_(half)
+                    # worst: the vertex r s/2 sgn(g) (where g = 0 every point of the box is optimal: + r s/2)
+                    sign = g_part if self.mode == "worst" else a.random_(0, 2).sub_(0.5)
+                    torch.copysign(half.expand(part.shape), sign, out=a)
                     flat_a, flat_g = a.reshape(-1), g_part.reshape(-1)
                     if flat_a.dtype not in (torch.float32, torch.float64):  # the dot in float32 at least
                         flat_a, flat_g = flat_a.float(), flat_g.float()
                     gain += float(torch.dot(flat_a, flat_g))
-                    square += float(torch.dot(flat_a, flat_a))
+                    # every entry moves by its half-side: ||a||^2 = sum of h^2 (a block's h counts size times)
+                    square += float(half.float().square().sum()) * (part.numel() // half.numel())
                     part.add_(a)
                 if target is not w:
                     w.copy_(target)
