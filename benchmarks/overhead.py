@@ -29,6 +29,8 @@ Memory (per step, bytes / parameter bytes)
 
 Usage:  python benchmarks/overhead.py [--model gpt2|mlp] [--device cpu|cuda] [--dtype fp32|bf16]
         [--batch B] [--seq-len T] [--reps R] [--quick] [--out results.json]
+        python benchmarks/overhead.py --docs-from benchmarks/results/overhead_faults_cpu.json
+            (rewrites the generated ``fault-overhead`` table of benchmarks/README.md from a saved run)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,6 +54,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from acr_optim import ACR
 from acr_optim.corruption import top_n_indices
+from lab import docs
 
 try:
     from pytorch_optimizer import SAM
@@ -427,6 +431,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="a tiny model and few repetitions (smoke run)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--docs-from", default=None, help="only rewrite benchmarks/README.md's fault-overhead table from this JSON"
+    )
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     # defaults: ~5M-parameter GPT-2 on CPU, GPT-2 small (124M) on GPU, a tiny one with --quick
@@ -450,8 +457,36 @@ def machine() -> dict:
     return info
 
 
+FAULT_DOCS = "fault-overhead"
+README = Path(__file__).resolve().parent / "README.md"
+
+
+def fault_overhead_table(result: dict) -> str:
+    """The fault-set rows of a saved run against the Lp step, as benchmarks/README.md shows them."""
+    config, rows = result["config"], result["rows"]
+    lines = [
+        f"{config['model']}, {config['params'] / 1e6:.2f}M parameters, {config['reps']} repetitions, "
+        f"torch {result['machine']['torch']}, {result['machine']['threads']} thread(s)",
+        "",
+        "| variant | ms/step | IQR ms | /Lp step | held / params | peak / params |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        if name == LP_STEP or "fault=" in name:
+            lp = "1.000" if name == LP_STEP else f"{row['vs_lp']:.3f}"
+            lines.append(
+                f"| {name} | {row['median_s'] * 1e3:.1f} | {row['iqr_s'] * 1e3:.1f} | {lp} | "
+                f"{row['held_x_params']:.2f} | {row['peak_x_params']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.docs_from:
+        result = json.loads(Path(args.docs_from).read_text())
+        README.write_text(docs.fill(README.read_text(), {FAULT_DOCS: fault_overhead_table(result)}))
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
