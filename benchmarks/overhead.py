@@ -464,9 +464,12 @@ README = Path(__file__).resolve().parent / "README.md"
 def fault_overhead_table(result: dict) -> str:
     """The fault-set rows of a saved run against the Lp step, as benchmarks/README.md shows them."""
     config, rows = result["config"], result["rows"]
-    lines = [
+    setting = (
         f"{config['model']}, {config['params'] / 1e6:.2f}M parameters, {config['reps']} repetitions, "
-        f"torch {result['machine']['torch']}, {result['machine']['threads']} thread(s)",
+        f"torch {result['machine']['torch']}, {result['machine']['threads']} thread(s)"
+    )
+    lines = [
+        setting,
         "",
         "| variant | ms/step | IQR ms | /Lp step | held / params | peak / params |",
         "|---|---:|---:|---:|---:|---:|",
