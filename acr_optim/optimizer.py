@@ -385,6 +385,15 @@ class ACR(Optimizer):
                 vectors.setdefault((group["acr_eps"], group["acr_p"], group["acr_n"]), []).extend(params)
         if not uses_corrupted_grad:
             return False
+        plans = self._plan_balls(vectors)
+        faulty = self._plan_faults(fault_vectors)
+        if self._nonfinite or not (plans or faulty):
+            return False
+        self._apply_plans(plans, faulty)
+        return self._pending is not None
+
+    def _plan_balls(self, vectors: dict[tuple[float, float, int | None], list[Tensor]]) -> list[tuple]:
+        """The Lp corruption of each vector, planned on its gradient; sets ``_nonfinite`` on a non-finite one."""
         plans = []
         for (eps, p_norm, n), params in vectors.items():
             owners = params
@@ -400,23 +409,27 @@ class ACR(Optimizer):
                 plan = LpCorruption.plan(h, eps, p_norm, shard_group, params[0].device)
             except NonFiniteGradientError:
                 self._nonfinite = True
-                return False
+                return []
             if plan is not None:
                 plans.append((owners, params, indices, h, plan))
+        return plans
+
+    def _plan_faults(self, fault_vectors: dict[FaultSet, list[Tensor]]) -> list[tuple]:
+        """``(fault set, targeted parameters, their gradients)`` of each fault vector; sets ``_nonfinite`` on a
+        non-finite gradient (a box checks its gain instead, after applying it: one pass fewer)."""
         faulty = []
         for faults, params in fault_vectors.items():
             params = [p for p in params if faults.fault.targets(p)]
             grads = [p.grad for p in params]
-            # a box's gain a.g is finite exactly when g is (checked after applying it: one pass fewer)
             if params and not faults.is_box and not all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads)):
                 self._nonfinite = True
             elif params:
                 faulty.append((faults, params, grads))
-        if self._nonfinite:
-            return False
-        if not plans and not faulty:
-            return False
+        return faulty
 
+    def _apply_plans(self, plans: list[tuple], faulty: list[tuple]) -> None:
+        """Move the weights to ``w + a`` (backing ``w`` up), stash the clean gradients, start the buffer snapshot;
+        leaves ``_pending`` None (and ``_nonfinite`` set) when a fault's gain comes out non-finite."""
         pending = _Pending()
         for owners, params, indices, h, plan in plans:
             itemsize = params[0].element_size()
@@ -446,14 +459,13 @@ class ACR(Optimizer):
         if not all(math.isfinite(gain) for gain, _ in fault_stats):
             self.restore()
             self._nonfinite = True
-            return False
+            return
         self._stash_clean_grads(pending)
         pending.buffers = BufferSnapshot()
         self.last_first_order_gain = sum(plan.gain for *_, plan in plans) + sum(gain for gain, _ in fault_stats)
         self.last_corruption_norm = _combined_norm(
             [(plan.eps, plan.p) for *_, plan in plans] + [(norm, 2.0) for _, norm in fault_stats]
         )
-        return True
 
     def _perturb_dense(
         self,

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from acr_optim import ACR, gradient_corruption
+from acr_optim import ACR
+from acr_optim.probe import probe
+from lab.loop import Stepper
 
 
 def load_bytes(path: Path) -> torch.Tensor:
@@ -58,75 +60,26 @@ def make_model(args: argparse.Namespace, seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def train(model, optimizer, data: list[torch.Tensor], reuse: bool = False) -> float:
+def lm_loss(model: GPT2LMHeadModel, ids: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss of a batch of byte sequences."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def train(model, optimizer, data: list[torch.Tensor], driver: str) -> float:
+    """One :class:`lab.loop.Stepper` step per batch of ``data``; returns the wall seconds."""
     model.train()
+    step = Stepper(model, optimizer, driver, loss=lm_loss)
     start = time.perf_counter()
-    if reuse:
-        return _train_reusing_the_correction(model, optimizer, data, start)
     for ids in data:
-
-        def closure(ids=ids):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            return loss
-
-        optimizer.zero_grad()
-        if isinstance(optimizer, ACR):
-            optimizer.step(closure)
-        else:
-            closure()
-            optimizer.step()
+        step(ids)
     return time.perf_counter() - start
-
-
-def _train_reusing_the_correction(model, optimizer: ACR, data: list[torch.Tensor], start: float) -> float:
-    """Amortized ACR that, LookSAM-like, adds the last ACR correction ``d = mix - g`` on the cheap steps.
-
-    At a refresh step ``d = (1 - alpha) g + alpha g(w + a) - g`` is kept (one extra gradient-sized
-    buffer); a cheap step hands ``g(w) + d`` to the base optimizer.  One pass on the cheap steps.
-    """
-    params = [q for q in model.parameters() if q.requires_grad]
-    correction: list[torch.Tensor] | None = None
-    for ids in data:
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        if optimizer.corrupts_this_step:
-            clean = [q.grad.clone() for q in params]
-            with optimizer.perturbed() as active:
-                if active:
-                    model(input_ids=ids, labels=ids).loss.backward()
-            if active:
-                correction = torch._foreach_sub([q.grad for q in params], clean)
-        elif correction is not None:
-            torch._foreach_add_([q.grad for q in params], correction)
-        optimizer.step()
-    return time.perf_counter() - start
-
-
-def held_out_loss(model, data: list[torch.Tensor]) -> float:
-    with torch.no_grad():
-        return statistics.fmean(model(input_ids=ids, labels=ids).loss.item() for ids in data)
 
 
 def indicator(model, data: list[torch.Tensor], eps_values: list[float], p: float) -> tuple[float, dict[str, float]]:
-    """``L(w)`` and ``L(w + a) - L(w)`` for the gradient corruption at each ``eps`` (weights restored exactly)."""
-    model.eval()
-    params = [q for q in model.parameters() if q.requires_grad]
-    model.zero_grad()
-    for ids in data:
-        (model(input_ids=ids, labels=ids).loss / len(data)).backward()
-    grads = [q.grad.detach().clone() for q in params]
-    model.zero_grad()
-    clean = held_out_loss(model, data)
-    saved = [q.detach().clone() for q in params]
-    out = {}
-    for eps in eps_values:
-        with torch.no_grad():
-            torch._foreach_add_(params, gradient_corruption(grads, eps, p))
-        out[str(eps)] = held_out_loss(model, data) - clean
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
-    return clean, out
+    """``L(w)`` and ``L(w + a) - L(w)`` for the gradient corruption at each ``eps`` (the probe: one gradient, weights
+    restored exactly)."""
+    table = probe(model, data, eps=eps_values, p=p, method="gradient", by="all", loss_fn=lm_loss)
+    return table.rows[0]["loss_clean"], {str(row["eps"]): row["delta_loss"] for row in table.rows}
 
 
 def main(argv=None) -> dict:
@@ -155,23 +108,29 @@ def main(argv=None) -> dict:
     train_tokens, test_tokens = load_bytes(args.data / "valid.txt.gz"), load_bytes(args.data / "test.txt.gz")
     held_out = batches(test_tokens, args.eval_batches, args.batch, args.seq_len, seed=1234)
 
-    variants = {"AdamW": (None, False), "ACR exact": (1, False)}
+    variants = {"AdamW": (None, "plain"), "ACR exact": (1, "closure")}
     for k in args.intervals:
-        variants[f"ACR amortized k={k}"] = (k, False)
-        variants[f"ACR amortized k={k} +reuse"] = (k, True)
+        variants[f"ACR amortized k={k}"] = (k, "closure")
+        variants[f"ACR amortized k={k} +reuse"] = (k, "acr_reuse")
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in args.seeds:
         data = batches(train_tokens, args.steps, args.batch, args.seq_len, seed=seed)
-        for name, (interval, reuse) in variants.items():
+        for name, (interval, driver) in variants.items():
             model = make_model(args, seed)
             base = torch.optim.AdamW(model.parameters(), lr=args.lr)
-            opt = base if interval is None else ACR(base, eps=args.train_eps, p=args.p, alpha=args.alpha, interval=interval)
-            seconds = train(model, opt, data, reuse)
+            opt = (
+                base
+                if interval is None
+                else ACR(base, eps=args.train_eps, p=args.p, alpha=args.alpha, interval=interval)
+            )
+            seconds = train(model, opt, data, driver)
             clean, gains = indicator(model, held_out, args.eval_eps, args.p)
             results[name].append({"seed": seed, "train_s": seconds, "held_out_loss": clean, "indicator": gains})
             print(f"seed {seed} {name:28s} train {seconds:6.1f}s  held-out loss {clean:.4f}  indicator {gains}")
 
-    print(f"\nmeans over seeds {args.seeds}, {args.steps} steps, p={args.p:g}, train eps={args.train_eps}, alpha={args.alpha}")
+    print(
+        f"\nmeans over seeds {args.seeds}, {args.steps} steps, p={args.p:g}, train eps={args.train_eps}, alpha={args.alpha}"
+    )
     header = f"{'variant':28s} {'train s':>8s} {'L(w)':>8s} " + " ".join(f"{'I@' + str(e):>9s}" for e in args.eval_eps)
     print(header)
     summary = {}
@@ -184,7 +143,11 @@ def main(argv=None) -> dict:
         summary[name] = row
         cells = " ".join(f"{row['indicator'][str(e)]:9.4f}" for e in args.eval_eps)
         print(f"{name:28s} {row['train_s']:8.1f} {row['held_out_loss']:8.4f} {cells}")
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "summary": summary, "runs": results}
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "summary": summary,
+        "runs": results,
+    }
     result["config"]["torch"] = torch.__version__
     if args.out:
         with open(args.out, "w") as f:

@@ -70,7 +70,7 @@ def training_batches(task: Task, seed: int, batch_size: int) -> Iterator[dict[st
             yield task.collate([task.train[i] for i in indices.tolist()])
 
 
-DRIVERS = ("plain", "closure", "gsam", "sam", "looksam")
+DRIVERS = ("plain", "closure", "gsam", "sam", "looksam", "acr_reuse")
 Batch = dict[str, torch.Tensor]
 
 
@@ -86,7 +86,10 @@ class Stepper:
     ``driver``: ``"plain"`` (one backward, ``step()``: AdamW), ``"closure"`` (``step(closure)`` makes every pass:
     ACR, WSAM), ``"gsam"`` (the same with GSAM's ``(outputs, loss)`` closure), ``"sam"`` (the clean backward, then
     ``step(closure)``: SAM, ASAM, FriendlySAM), ``"looksam"`` (as ``"sam"``, without the clean backward on the steps
-    where LookSAM reuses its last direction and zeroes it).  ``loss(model, batch)`` is the training loss.
+    where LookSAM reuses its last direction and zeroes it), ``"acr_reuse"`` (``ACR(interval=k)`` that, LookSAM-like,
+    adds its last correction ``d = (1 - alpha) g + alpha g(w + a) - g`` to the clean gradient of the cheap steps:
+    one pass there, one extra gradient-sized buffer; a prototype of ``benchmarks/robustness.py``).
+    ``loss(model, batch)`` is the training loss.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Stepper:
             raise ValueError(f"driver must be one of {DRIVERS}, got {driver!r}")
         self.model, self.optimizer, self.driver, self.loss = model, optimizer, driver, loss
         self.passes = 0
+        self._correction: list[torch.Tensor] | None = None  # acr_reuse: the last ACR correction
 
     def __call__(self, batch: Batch) -> torch.Tensor | None:
         """Zero the gradients and make one step on ``batch``; returns the loss where the driver gives one."""
@@ -119,11 +123,29 @@ class Stepper:
             loss = optimizer.step(torch.enable_grad()(lambda: (None, closure())))
         elif self.driver == "closure":
             loss = optimizer.step(closure)
+        elif self.driver == "acr_reuse":
+            loss = self._reuse_step(closure)
         else:  # SAM-style: the clean gradient first (LookSAM zeroes it on its reuse steps: skip it there)
             if self.driver != "looksam" or optimizer.get_step() % optimizer.k == 0:
                 closure()
             loss = optimizer.step(closure)
         return loss if isinstance(loss, torch.Tensor) else None
+
+    def _reuse_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        optimizer = self.optimizer
+        params = [q for group in optimizer.param_groups for q in group["params"] if q.requires_grad]
+        loss = closure()
+        if optimizer.corrupts_this_step:
+            clean = [q.grad.clone() for q in params]
+            with optimizer.perturbed() as active:
+                if active:
+                    closure()
+            if active:
+                self._correction = torch._foreach_sub([q.grad for q in params], clean)
+        elif self._correction is not None:
+            torch._foreach_add_([q.grad for q in params], self._correction)
+        optimizer.step()
+        return loss
 
 
 def fixed_steps(

@@ -4,7 +4,7 @@ The two fixed-budget tasks, each one :class:`Task`: Multi30k De->En with a tiny 
 tiny GPT-2 (perplexity).  The converged runs' families, each one :class:`Family` with train / held-out / test
 splits: an LSTM LM (:class:`LSTMLM`) or the tiny GPT-2 on WikiText-2 (:func:`lm_family`), the tiny Marian on
 Multi30k (:func:`marian_family`).  The data readers, tokenizer trainers and model configurations are the recipes'
-own (``recipes/de_en.py``, ``recipes/lm.py``, imported as the ``recipes`` package from the repository root), so an
+own (``recipes/_common.py``, imported as ``recipes._common`` from the repository root), so an
 experiment's model is the recipe's model at another size.
 """
 
@@ -29,8 +29,15 @@ from transformers import (
 from acr_optim.data import load_parallel
 from acr_optim.probe.metrics import MetricFn, bleu, perplexity
 from lab.records import config_key
-from recipes.de_en import TINY_MARIAN, fit_to_tokenizer, seq2seq_from_config, train_sentencepiece_style_tokenizer
-from recipes.lm import TINY_GPT2, load_text_file, train_byte_level_tokenizer
+from recipes._common import (
+    TINY_GPT2,
+    TINY_MARIAN,
+    fit_to_tokenizer,
+    load_text_file,
+    seq2seq_from_config,
+    train_byte_level_tokenizer,
+    train_sentencepiece_style_tokenizer,
+)
 
 TASKS = ("de_en", "lm")
 MODEL_SETTINGS = ("width", "layers", "vocab", "max_train", "eval_size", "block_size")

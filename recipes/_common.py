@@ -1,7 +1,8 @@
-"""What ``recipes/de_en.py`` and ``recipes/lm.py`` share: arguments, data files, locally trained
-tokenizers, the ACR optimizer, the robustness evaluation, the model card and the closing summary.
+"""What the recipes share: arguments, data files, locally trained tokenizers, the default models, the ACR
+optimizer, the robustness evaluation, the model card and the closing summary.
 
-Kept next to the recipes (``accelerate launch recipes/de_en.py`` puts this folder on ``sys.path``).
+Kept next to the recipes, which import it as ``_common`` (a script's folder is on ``sys.path`` when it runs,
+under ``python`` and ``accelerate launch`` alike); the lab imports it as ``recipes._common``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoModelForSeq2SeqLM,
     HfArgumentParser,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     PrinterCallback,
     ProgressCallback,
@@ -418,6 +423,55 @@ def local_tokenizer(
         if state.is_local_main_process:
             train(texts, vocab_size).save_pretrained(output_dir)
         return PreTrainedTokenizerFast.from_pretrained(output_dir)
+
+
+# -- the default models ----------------------------------------------------------------------------
+
+# A tiny Marian-style Transformer for the default run: about 1M parameters with a 2,000-token vocabulary.
+TINY_MARIAN = {
+    "d_model": 128,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 256,
+    "decoder_ffn_dim": 256,
+    "max_position_embeddings": 256,
+    "dropout": 0.1,
+    "scale_embedding": True,
+    "share_encoder_decoder_embeddings": True,
+}
+
+
+def fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """``config`` with the vocabulary and special tokens of a locally trained tokenizer; decoding starts from <pad>."""
+    config.update(
+        {
+            "vocab_size": len(tokenizer),
+            "decoder_vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+        }
+    )
+    return config
+
+
+def seq2seq_from_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A new model from ``config`` sized to ``tokenizer``; generation starts from <pad> and ends with </s>
+    (set on ``generation_config``: transformers before 5.1 refuses to save generation settings in the config)."""
+    model = AutoModelForSeq2SeqLM.from_config(fit_to_tokenizer(config, tokenizer))
+    model.generation_config.update(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    return model
+
+
+# A tiny GPT-2 (about 0.4M parameters besides the embeddings) for the default run of lm.py.
+TINY_GPT2 = {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_inner": 512, "n_positions": 256}
 
 
 # -- ACR -----------------------------------------------------------------------------------------

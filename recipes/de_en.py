@@ -27,30 +27,15 @@ corruption, see ``--corruption_eval_eps``) and a model card ``README.md``.
 from __future__ import annotations
 
 import inspect
-import sys
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForSeq2SeqLM,
-    DataCollatorForSeq2Seq,
-    MarianConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
-    set_seed,
-)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     EMBEDDED_DATA,
+    TINY_MARIAN,
     RecipeArguments,
     acr_optimizer,
     apply_lora,
@@ -63,11 +48,20 @@ from _common import (
     quiet_evaluations,
     robustness_block,
     robustness_rows,
+    seq2seq_from_config,
     summary,
     train_sentencepiece_style_tokenizer,
     trainer_evaluation,
     trainer_training,
     write_card,
+)
+from transformers import (
+    AutoConfig,
+    DataCollatorForSeq2Seq,
+    MarianConfig,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    set_seed,
 )
 
 from acr_optim.data import load_parallel
@@ -99,48 +93,6 @@ tokenizer = AutoTokenizer.from_pretrained("{path}")
 model = AutoModelForSeq2SeqLM.from_pretrained("{path}")
 batch = tokenizer(["{example}"], return_tensors="pt")
 print(tokenizer.batch_decode(model.generate(**batch, num_beams=4, max_new_tokens=64), skip_special_tokens=True))"""
-
-# A tiny Marian-style Transformer for the default run: about 1M parameters with a 2,000-token vocabulary.
-TINY_MARIAN = {
-    "d_model": 128,
-    "encoder_layers": 2,
-    "decoder_layers": 2,
-    "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4,
-    "encoder_ffn_dim": 256,
-    "decoder_ffn_dim": 256,
-    "max_position_embeddings": 256,
-    "dropout": 0.1,
-    "scale_embedding": True,
-    "share_encoder_decoder_embeddings": True,
-}
-
-
-def fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """``config`` with the vocabulary and special tokens of a locally trained tokenizer; decoding starts from <pad>."""
-    config.update(
-        {
-            "vocab_size": len(tokenizer),
-            "decoder_vocab_size": len(tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "decoder_start_token_id": tokenizer.pad_token_id,
-        }
-    )
-    return config
-
-
-def seq2seq_from_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A new model from ``config`` sized to ``tokenizer``; generation starts from <pad> and ends with </s>
-    (set on ``generation_config``: transformers before 5.1 refuses to save generation settings in the config)."""
-    model = AutoModelForSeq2SeqLM.from_config(fit_to_tokenizer(config, tokenizer))
-    model.generation_config.update(
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id,
-    )
-    return model
 
 
 @dataclass

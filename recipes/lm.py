@@ -24,28 +24,14 @@ perplexity under corruption, see ``--corruption_eval_eps``) and a model card ``R
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from datasets import DatasetDict
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    GPT2Config,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
-)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     EMBEDDED_DATA,
+    TINY_GPT2,
     RecipeArguments,
     acr_optimizer,
     apply_lora,
@@ -65,6 +51,18 @@ from _common import (
     trainer_evaluation,
     trainer_training,
     write_card,
+)
+from datasets import DatasetDict
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
 )
 
 from acr_optim.errors import UsageError, exit_on_usage_error
@@ -91,9 +89,6 @@ tokenizer = AutoTokenizer.from_pretrained("{path}")
 model = AutoModelForCausalLM.from_pretrained("{path}")
 batch = tokenizer("{example}", return_tensors="pt")
 print(tokenizer.decode(model.generate(**batch, max_new_tokens=20, do_sample=False)[0]))"""
-
-# A tiny GPT-2 (about 0.4M parameters besides the embeddings) for the default run.
-TINY_GPT2 = {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_inner": 512, "n_positions": 256}
 
 
 def perplexity(loss: float) -> float:

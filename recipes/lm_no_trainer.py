@@ -26,18 +26,12 @@ import contextlib
 import gc
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from torch.utils.data import DataLoader
-from transformers import default_data_collator, get_scheduler, set_seed
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     apply_lora,
     evaluate_robustness,
@@ -49,7 +43,10 @@ from _common import (
     summary,
     write_card,
 )
+from accelerate import Accelerator, DataLoaderConfiguration
 from lm import LMArguments, causal_lm, lm_card, lm_tokenizer, load_text_splits, perplexity, tokenize_into_blocks
+from torch.utils.data import DataLoader
+from transformers import default_data_collator, get_scheduler, set_seed
 
 from acr_optim import ACR
 from acr_optim.errors import exit_on_usage_error

@@ -248,7 +248,7 @@ def pretrained(folder, recipe):
         model = GPT2LMHeadModel(config)
     else:
         tokenizer = _common.train_sentencepiece_style_tokenizer(text, 300)
-        model = MarianMTModel(de_en.fit_to_tokenizer(tiny_marian_config(), tokenizer))
+        model = MarianMTModel(_common.fit_to_tokenizer(tiny_marian_config(), tokenizer))
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)
     return folder
