@@ -401,7 +401,7 @@ def _norm_per_run(runs: list[dict[str, Any]], family: str) -> list[str]:
     most fragile other type's, and in how many runs it is the most fragile."""
     at = {(r["seed"], _device(r)): _eps_rows(r["fragility"], "type", "paper") for r in runs}
     grid = list(next(iter(at.values())))
-    first = dict.fromkeys(grid, 0)
+    first: dict[float, list[bool]] = {eps: [] for eps in grid}
     lines = [
         f"**{family}, rank of norm among the types in each run** (1 = most fragile; in brackets norm's held-out ΔL "
         "against the most fragile other type's)",
@@ -415,12 +415,19 @@ def _norm_per_run(runs: list[dict[str, Any]], family: str) -> list[str]:
             norm = next(r for r in ranked if r["group"] == "norm")
             other = next(r for r in ranked if r["group"] != "norm")
             rank = _rank(ranked, "norm").split()[0]
-            first[eps] += rank == "1"
+            first[eps].append(rank == "1")
             cells.append(f"{rank} ({_g(norm['delta_loss'])} vs {other['group']} {_g(other['delta_loss'])})")
         lines.append(f"| seed {seed}, {device} | " + " | ".join(cells) + " |")
-    total = f"{sum(first.values())} of {len(at) * len(grid)} cells"
-    counts = " | ".join(f"{k} of {len(at)} runs" for k in first.values())
+    total = f"{sum(sum(hits) for hits in first.values())} of {len(at) * len(grid)} cells"
+    counts = " | ".join(f"{sum(hits)} of {len(at)} runs" for hits in first.values())
     lines.append(f"| norm most fragile ({total}) | {counts} |")
+    shares = " | ".join(
+        "{:.2f}-{:.2f} (exact {:.2f}-{:.2f})".format(
+            *stats.bootstrap_share(hits), *stats.clopper_pearson(sum(hits), len(hits))
+        )
+        for hits in first.values()
+    )
+    lines.append(f"| share of runs, 95 % bootstrap interval (runs resampled; exact: Clopper-Pearson) | {shares} |")
     return lines
 
 

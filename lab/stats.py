@@ -8,6 +8,7 @@ and :func:`lab.docs.interval` print the common forms).
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Iterable, Sequence
 
@@ -62,3 +63,25 @@ def holm(pvalues: Sequence[float], level: float = 1 - LEVEL) -> int:
         if p > level / (len(ordered) - k):
             return k
     return len(ordered)
+
+
+def bootstrap_share(
+    hits: Sequence[bool], level: float = LEVEL, draws: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """The percentile bootstrap interval of the share of ``hits`` that are true, resampling the runs with replacement
+    (``draws`` resamples from a fixed ``seed``, so a table regenerates to the same interval)."""
+    rng = random.Random(seed)
+    n = len(hits)
+    shares = sorted(sum(rng.choices(hits, k=n)) / n for _ in range(draws))
+    tail = (1 - level) / 2
+    return shares[int(tail * draws)], shares[min(draws - 1, int((1 - tail) * draws))]
+
+
+def clopper_pearson(hits: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a share ``hits / n``: unlike the bootstrap, not empty at 0 or n hits."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = 0.0 if hits == 0 else float(beta.ppf(tail, hits, n - hits + 1))
+    high = 1.0 if hits == n else float(beta.ppf(1 - tail, hits + 1, n - hits))
+    return low, high

@@ -70,3 +70,15 @@ def test_stepper_counts_every_pass_and_refuses_an_unknown_driver():
     assert (plain.passes, acr.passes) == (3, 6)  # ACR: the clean and the corrupted pass
     with pytest.raises(ValueError, match="driver"):
         Stepper(model, torch.optim.AdamW(model.parameters()), "twice")
+
+
+def test_share_intervals_bootstrap_and_exact():
+    assert stats.bootstrap_share([True] * 4) == (1.0, 1.0)
+    assert stats.bootstrap_share([True, False] * 3) == stats.bootstrap_share([True, False] * 3)  # fixed seed
+    low, high = stats.bootstrap_share([True] + [False] * 5)
+    assert low == 0.0 and 1 / 6 < high <= 4 / 6
+    # Clopper-Pearson at 0 of n: [0, 1 - (alpha/2)^(1/n)]; symmetric at n of n
+    assert stats.clopper_pearson(0, 3) == (0.0, pytest.approx(1 - 0.025 ** (1 / 3)))
+    assert stats.clopper_pearson(3, 3) == (pytest.approx(0.025 ** (1 / 3)), 1.0)
+    low, high = stats.clopper_pearson(1, 6)
+    assert 0 < low < 1 / 6 < high < 1
