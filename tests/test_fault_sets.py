@@ -276,3 +276,20 @@ def test_actual_mode_is_torchao_qat_fake_quantization_for_float32_weights(bits, 
     config = qat.IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), group_size=group, is_symmetric=True)
     expected = IntxFakeQuantizer(config)(w)
     assert torch.equal(corrupt(f"int{bits}:g{group}", "actual", w, torch.randn_like(w)), expected)
+
+
+@pytest.mark.parametrize("spec", ["int4:g8", "bf16", "flips:3:int8", "prune:0.5"])
+def test_the_corruption_ignores_a_loss_scale_and_runs_under_bf16_autocast(spec):
+    # GradScaler scales the clean gradient by a positive factor: the worst case of every set is the same
+    corrupted = []
+    for scale in (1.0, 1024.0):
+        net = model()
+        acr = ACR(torch.optim.SGD(net.parameters(), lr=0.1), fault=spec)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(net(batch()[0]).float(), batch()[1])
+        (loss * scale).backward()
+        with acr.perturbed() as active:
+            assert active
+            corrupted.append([p.detach().clone() for p in net.parameters()])
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(*corrupted))
