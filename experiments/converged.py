@@ -35,7 +35,9 @@ resumes where it stopped, to the step):
 that sweep and final rows run side by side); once every sweep point has a record, the sweep's choice is used, and
 ``summarize.py`` tabulates only the final rows at it.  ``--device cuda`` trains and scores on a GPU (models are
 initialised on the CPU, so a seed gives the same initial weights and data order on either device; the device is
-part of a record's ``environment``, not of its settings).  ``--commit`` commits each record as it is written::
+part of a record's ``environment``, not of its settings).  A planned study of final rows (``experiments/plans/``)
+runs ``--seeds`` (``--arms`` of them) alone at the sweep's eps, names ``--plan`` in every record and may score
+``--faults`` beside the corruption.  ``--commit`` commits each record as it is written::
 
     OMP_NUM_THREADS=1 python experiments/converged.py --family lstm --commit
 """
@@ -51,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from acr_optim.faults import parse_fault
 from acr_optim.probe import probe
 from acr_optim.probe.metrics import MetricFn
 from lab import cli, loop, methods, tasks
@@ -69,6 +72,8 @@ from lab.records import (
 
 FINDING = "converged"
 FAMILIES = ("lstm", "gpt2", "marian")
+FINAL_ARMS = ("adamw", "acr", "sam", "acr_inf", "adamw_2x")
+PLANS = Path(__file__).resolve().parent / "plans"
 # Per family: model size, regularisation, optimisation and evaluation grid (flags override them).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "lstm": {"width": 64, "layers": 2, "dropout": 0.1, "lr": 1e-2, "eval_eps": [0.25, 0.5, 1.0, 2.0]},
@@ -137,20 +142,34 @@ def fit(
 
 
 def scores(
-    model: nn.Module, batches: list[dict[str, Tensor]], eval_eps: list[float], metric_fn: MetricFn | None
+    model: nn.Module,
+    batches: list[dict[str, Tensor]],
+    eval_eps: list[float],
+    metric_fn: MetricFn | None,
+    faults: list[str] = (),
+    trials: int = 1,
 ) -> dict[str, Any]:
-    """Clean loss (and metric), then the gradient corruption of the whole model (L2) at each eps."""
-    table = probe(model, batches, eps=eval_eps, by="all", metric_fn=metric_fn)
+    """Clean loss (and metric), then the gradient corruption of the whole model (L2) at each eps, and each of
+    ``faults`` (a random one: the mean of ``trials`` draws), when given."""
+    table = probe(model, batches, eps=eval_eps, by="all", metric_fn=metric_fn, faults=list(faults), trials=trials)
     first = table.rows[0]
     metrics = [k.removesuffix("_clean") for k in first if k.endswith("_clean") and k != "loss_clean"]
-    return {
+
+    def row(r: dict[str, Any]) -> dict[str, Any]:
+        return {"loss": r["loss"], "delta_loss": r["delta_loss"], **{m: r[m] for m in metrics}}
+
+    out = {
         "loss": first["loss_clean"],
         **{m: first[f"{m}_clean"] for m in metrics},
-        "corrupted": [
-            {"eps": r["eps"], "loss": r["loss"], "delta_loss": r["delta_loss"], **{m: r[m] for m in metrics}}
-            for r in table.rows
-        ],
+        "corrupted": [{"eps": r["eps"], **row(r)} for r in table.rows if r["method"] == "gradient"],
     }
+    if faults:
+        out["faults"] = [
+            {"fault": r["method"], "trials": r["trials"], "delta_loss_std": r["delta_loss_std"], **row(r)}
+            for r in table.rows
+            if r["method"] != "gradient"
+        ]
+    return out
 
 
 def run(
@@ -161,8 +180,8 @@ def run(
     fitted = fit(model, data, method, seed, args, checkpoint)
     start = time.perf_counter()
     # Held-out data: losses only (a perplexity is their exp); the metric (BLEU decodes: slow) on the test data.
-    heldout = scores(model, data.heldout, args.eval_eps, None)
-    test = scores(model, data.test, args.eval_eps, data.metric_fn)
+    heldout = scores(model, data.heldout, args.eval_eps, None, args.faults, args.trials)
+    test = scores(model, data.test, args.eval_eps, data.metric_fn, args.faults, args.trials)
     scored = time.perf_counter()
     fragility = []  # finding 2 on the AdamW model, the one the paper probes
     if method.name == "adamw":
@@ -182,6 +201,7 @@ def run(
         "test": test,
         "fragility": fragility,
         "environment": loop.environment(data.device),
+        **({"plan": args.plan} if args.plan else {}),
     }
 
 
@@ -219,10 +239,35 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", type=cli.device, default="cpu", help="where to train and score: cpu, cuda, cuda:1, ...")
     ap.add_argument("--eval-eps", type=cli.positive_float, nargs="+")
     ap.add_argument("--commit", action="store_true", help="git-commit each record when written")
+    study = ap.add_argument_group("a planned study of final rows (experiments/plans/)")
+    study.add_argument(
+        "--seeds",
+        type=cli.nonnegative_int,
+        nargs="+",
+        help="run the final rows of these seeds only, at the sweep's eps (or --final-eps), without any sweep run",
+    )
+    study.add_argument("--arms", nargs="+", choices=FINAL_ARMS, help="with --seeds: only these final rows")
+    study.add_argument("--plan", help="the plan the records answer to: a file of experiments/plans/, named in each")
+    study.add_argument(
+        "--faults",
+        nargs="+",
+        default=[],
+        help="fault specs scored on the held-out and test data too (acr_optim.faults; random ones over --trials)",
+    )
+    study.add_argument("--trials", type=cli.positive_int, default=5, help="draws of each random fault")
     ap.set_defaults(threads=1, **DEFAULTS[family])
     args = ap.parse_args(argv)
     if args.label_smoothing and family != "marian":
         ap.error(f"--label-smoothing {args.label_smoothing}: only the marian family's training loss uses it")
+    if args.arms and not args.seeds:
+        ap.error("--arms selects final rows of --seeds: give --seeds too")
+    if args.plan and not (PLANS / args.plan).is_file():
+        ap.error(f"--plan {args.plan}: no such file in {PLANS} (commit the plan before its first record)")
+    for spec in args.faults:
+        try:
+            parse_fault(spec)
+        except ValueError as error:
+            ap.error(f"--faults {spec}: {str(error).splitlines()[0]}")
     return args
 
 
@@ -237,13 +282,18 @@ SETTINGS = (
 def plan(args: argparse.Namespace, num_params: int) -> list[tuple[Method, int, str]]:
     """Every run of the sweep, then of the final rows, as ``(method, seed, stage)``; the final rows need the
     sweep's ``eps``, so while a sweep run is missing only the final rows without one are in the plan (all of them
-    with ``--final-eps``)."""
-    runs = [(methods.adamw(), args.seed, "sweep")] + [
-        (methods.acr("acr", e), args.seed, "sweep") for e in args.sweep_eps
-    ]
+    with ``--final-eps``).  With ``--seeds``: the final rows (``--arms`` of them) of those seeds alone."""
     family = [r for r in load_records(FINDING, args.results) if r["task"] == args.family]
     eps = chosen_eps(family, args.sweep_eps)
     eps = args.final_eps if eps is None else eps
+    if args.seeds:
+        if eps is None:
+            raise SystemExit(f"--seeds: the {args.family} sweep has not chosen eps yet; give --final-eps")
+        rows = [m for m in final_methods(eps, num_params) if not args.arms or m.name in args.arms]
+        return [(m, seed, "final") for seed in args.seeds for m in rows]
+    runs = [(methods.adamw(), args.seed, "sweep")] + [
+        (methods.acr("acr", e), args.seed, "sweep") for e in args.sweep_eps
+    ]
     seeds = [args.seed + i for i in range(args.num_seeds)]
     return runs + [(m, seed, "final") for m in final_methods(eps, num_params) for seed in seeds]
 

@@ -25,6 +25,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An int >= 0: a seed."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A float > 0 (``acr_optim.corruption.check_eps``): an eps, a learning rate."""
     try:

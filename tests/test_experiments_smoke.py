@@ -426,3 +426,26 @@ def test_acr_training(tmp_path, cache):
     }
     for name in ("de_en_acr.png", "lm_acr.png", "sweep.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_converged_runs_a_planned_studys_final_rows_alone(tmp_path, cache):
+    common = ["--data", str(DATA), "--cache", str(cache), "--results", str(tmp_path), "--block-size", "16"]
+    common += ["--test-blocks", "64", "--heldout", "0.02", *CONVERGED, "--eval-eps", "1"]
+    study = ["--seeds", "3", "--arms", "adamw", "acr", "--final-eps", "0.1", "--plan", "finding3-fresh-seeds.md"]
+    study += ["--faults", "int8", "flip:1e-3:int8", "--trials", "2"]
+    records = converged.main([*common, *study])
+    # the two arms of seed 3 alone: no sweep run at --seed, no other arm
+    assert [(r["method"], r["seed"], r["settings"]["stage"]) for r in records] == [
+        ("adamw", 3, "final"),
+        ("acr", 3, "final"),
+    ]
+    for r in records:
+        assert r["plan"] == "finding3-fresh-seeds.md" and "plan" not in r["settings"]  # run ids as before
+        for split in ("validation", "test"):
+            faults = {f["fault"]: f for f in r[split]["faults"]}
+            assert list(faults) == ["int8", "flip:1e-3:int8"] and faults["flip:1e-3:int8"]["trials"] == 2
+            assert [c["eps"] for c in r[split]["corrupted"]] == [1.0]
+    with pytest.raises(SystemExit):
+        converged.main([*common, "--arms", "adamw"])  # --arms needs --seeds
+    with pytest.raises(SystemExit):
+        converged.main([*common, *study[:7], "--plan", "no-such-plan.md"])  # a plan must be committed first
