@@ -270,8 +270,8 @@ def _twin(run: dict[str, Any], adamw: Runs, same_device: bool) -> dict[str, Any]
 
 def _final(records: list[dict[str, Any]], family: str) -> tuple[list[dict[str, Any]], Runs] | None:
     """The runs of one family's final rows and its AdamW runs by ``(seed, device)``; ``None`` before ``eps*`` is
-    known."""
-    records = [r for r in records if r["task"] == family]
+    known.  The runs of a planned study (a record naming its ``plan``) belong to that study's own tables."""
+    records = [r for r in records if r["task"] == family and "plan" not in r]
     eps = chosen_eps(records)
     if eps is None:
         return None
@@ -379,7 +379,9 @@ def converged_runs(records: list[dict[str, Any]], family: str) -> str | None:
 def converged_fragile(records: list[dict[str, Any]], family: str) -> str | None:
     """Finding 2 at convergence: each group's held-out ΔL under the paper's protocol, by type then by layer, averaged
     over the converged AdamW seeds (the models the paper probes)."""
-    runs = [r for r in records if r["task"] == family and r["method"] == "adamw" and "fragility" in r]
+    runs = [
+        r for r in records if r["task"] == family and r["method"] == "adamw" and "fragility" in r and "plan" not in r
+    ]
     if not runs:
         return None
     cells: dict[tuple[str, str, str, float], list[float]] = {}
