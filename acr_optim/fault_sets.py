@@ -41,7 +41,7 @@ from torch import Tensor
 from .checks import check_eps
 from .faults import Fault, cast_step, parse_fault, quantization_blocks, quantization_scale
 
-__all__ = ["FAULT_MODES", "FaultSet", "fault_set"]
+__all__ = ["FAULT_MODES", "FaultSet", "check_fault_settings", "fault_set"]
 
 FAULT_MODES = ("worst", "actual", "random")
 _BOXES = ("quantize", "cast")
@@ -73,6 +73,12 @@ class FaultSet:
                     f"fault {self.fault.name!r} applies to real floating-point weights; parameter {i} in {where} is "
                     f"{p.dtype}: put it in a param group without acr_fault"
                 )
+            cast = self.fault.settings.get("dtype") if self.fault.kind == "cast" else None
+            if cast is not None and torch.finfo(cast).bits >= torch.finfo(p.dtype).bits:
+                raise ValueError(
+                    f"fault {self.fault.name!r}: parameter {i} in {where} is already {p.dtype}, which the cast leaves "
+                    "as it is (its error set is {0}): put it in a param group without acr_fault"
+                )
             cols = p[0].numel() if p.dim() >= 2 else p.numel()
             if isinstance(group, int) and cols % group:
                 raise ValueError(
@@ -88,7 +94,7 @@ class FaultSet:
         case needs no exact vertex); faults are written as the values the fault produces.
         """
         if self.is_box:
-            gain, square = 0.0, 0.0
+            gain = square = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
             for w, g in zip(params, grads):
                 target = w if w.is_contiguous() else w.contiguous()
                 scratch = torch.empty(2, min(_CHUNK, w.numel()), dtype=w.dtype, device=w.device)
@@ -100,13 +106,13 @@ class FaultSet:
                     flat_a, flat_g = a.reshape(-1), g_part.reshape(-1)
                     if flat_a.dtype not in (torch.float32, torch.float64):  # the dot in float32 at least
                         flat_a, flat_g = flat_a.float(), flat_g.float()
-                    gain += float(torch.dot(flat_a, flat_g))
+                    gain = gain + torch.dot(flat_a, flat_g).double()
                     # every entry moves by its half-side: ||a||^2 = sum of h^2 (a block's h counts size times)
-                    square += float(half.float().square().sum()) * (part.numel() // half.numel())
+                    square = square + half.double().square().sum() * (part.numel() // half.numel())
                     part.add_(a)
                 if target is not w:
                     w.copy_(target)
-            return gain, math.sqrt(square)
+            return gain.item(), math.sqrt(square.item())  # of a as planned, before w + a rounds
         if self.fault.kind == "flips" and self.mode == "worst":
             values = _worst_of(self.fault).values(params, grads)
         else:
@@ -144,6 +150,13 @@ def _worst_of(fault: Fault) -> Fault:
     return parse_fault("flip-worst" + fault.name[fault.name.index(":") :])
 
 
+def check_fault_settings(mode: str, radius: float) -> None:
+    """Raise ``ValueError`` unless ``mode`` is one of :data:`FAULT_MODES` and ``radius`` a finite number > 0."""
+    if mode not in FAULT_MODES:
+        raise ValueError(f"fault_mode must be one of {', '.join(map(repr, FAULT_MODES))}, got {mode!r}")
+    check_eps(radius, name="fault_radius")
+
+
 @lru_cache(maxsize=64)
 def fault_set(spec: str, mode: str = "worst", radius: float = 1.0) -> FaultSet:
     """The :class:`FaultSet` of a fault spec, a mode in :data:`FAULT_MODES` and a radius factor; checked here.
@@ -153,9 +166,7 @@ def fault_set(spec: str, mode: str = "worst", radius: float = 1.0) -> FaultSet:
     combinations the module table refuses.
     """
     fault = parse_fault(spec)
-    if mode not in FAULT_MODES:
-        raise ValueError(f"fault_mode must be one of {', '.join(map(repr, FAULT_MODES))}, got {mode!r}")
-    check_eps(radius, name="fault_radius")
+    check_fault_settings(mode, radius)
     if radius != 1 and (fault.kind not in _BOXES or mode == "actual"):
         raise ValueError(
             f"fault_radius scales the half-step box of quantization and cast faults in fault_mode 'worst' or "

@@ -22,7 +22,7 @@ from .corruption import (
     gather,
     support,
 )
-from .fault_sets import FaultSet, fault_set
+from .fault_sets import FaultSet, check_fault_settings, fault_set
 from .replay import replaying, rng_state
 
 __all__ = ["ACR"]
@@ -200,8 +200,9 @@ class ACR(Optimizer):
             "acr_fault_mode": fault_mode,
             "acr_fault_radius": fault_radius,
         }
+        check_fault_settings(fault_mode, fault_radius)  # also without a fault: groups may override acr_fault
         if fault is not None:
-            fault_set(fault, fault_mode, fault_radius)  # a bad spec, mode or radius fails here, naming the argument
+            fault_set(fault, fault_mode, fault_radius)  # a bad spec or combination fails here, naming the argument
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int (1 = corrupt every step), got {interval!r}")
         self.base_optimizer = base_optimizer
@@ -244,7 +245,10 @@ class ACR(Optimizer):
             )
         if group["acr_fault"] is not None:
             where = f"param group {next((i for i, g in enumerate(self.param_groups) if g is group), len(self.param_groups))}"
-            faults = self._fault_set(group)
+            try:
+                faults = self._fault_set(group)
+            except ValueError as error:
+                raise ValueError(f"{where} acr_fault/acr_fault_mode/acr_fault_radius: {error}") from None
             if group["acr_n"] is not None:
                 raise ValueError(f"n applies to the Lp ball; with fault {group['acr_fault']!r} leave n=None ({where})")
             if sharded:
@@ -415,38 +419,38 @@ class ACR(Optimizer):
         return plans
 
     def _plan_faults(self, fault_vectors: dict[FaultSet, list[Tensor]]) -> list[tuple]:
-        """``(fault set, targeted parameters, their gradients)`` of each fault vector; sets ``_nonfinite`` on a
-        non-finite gradient (a box checks its gain instead, after applying it: one pass fewer)."""
+        """``(fault set, targeted parameters, their gradients)`` of each fault vector; sets ``_nonfinite`` when any
+        gradient of the vector (targeted or not: all of them reach the base step) is not finite."""
         faulty = []
         for faults, params in fault_vectors.items():
-            params = [p for p in params if faults.fault.targets(p)]
-            grads = [p.grad for p in params]
-            if params and not faults.is_box and not all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads)):
+            if not bool(torch.stack([p.grad.isfinite().all() for p in params]).all()):  # one host sync, any dtype
                 self._nonfinite = True
-            elif params:
-                faulty.append((faults, params, grads))
+                continue
+            targeted = [p for p in params if faults.fault.targets(p)]
+            if targeted:
+                faulty.append((faults, targeted, [p.grad for p in targeted]))
         return faulty
 
     def _apply_plans(self, plans: list[tuple], faulty: list[tuple]) -> None:
         """Move the weights to ``w + a`` (backing ``w`` up), stash the clean gradients, start the buffer snapshot;
         leaves ``_pending`` None (and ``_nonfinite`` set) when a fault's gain comes out non-finite."""
         pending = _Pending()
-        for owners, params, indices, h, plan in plans:
-            itemsize = params[0].element_size()
-            if indices is None or sum(i.numel() for i in indices) * (8 + itemsize) > sum(
-                p.numel() * p.element_size() for p in params
-            ):
-                self._perturb_dense(pending, owners, params, indices, h, plan)
-            else:
-                for p, i, v in zip(params, indices, plan.values(h)):
-                    if i.numel() == 0:
-                        continue
-                    old = p.reshape(-1)[i]
-                    _put_(p, i, old + v)
-                    pending.sparse.append((p, i, old))
         fault_stats = []
         self._pending = pending
         try:
+            for owners, params, indices, h, plan in plans:
+                itemsize = params[0].element_size()
+                if indices is None or sum(i.numel() for i in indices) * (8 + itemsize) > sum(
+                    p.numel() * p.element_size() for p in params
+                ):
+                    self._perturb_dense(pending, owners, params, indices, h, plan)
+                else:
+                    for p, i, v in zip(params, indices, plan.values(h)):
+                        if i.numel() == 0:
+                            continue
+                        old = p.reshape(-1)[i]
+                        _put_(p, i, old + v)
+                        pending.sparse.append((p, i, old))
             for faults, params, grads in faulty:
                 backups = [self._backup(p, p) for p in params]
                 torch._foreach_copy_(backups, params)
@@ -454,7 +458,7 @@ class ACR(Optimizer):
                 pending.dense_backups += backups
                 fault_stats.append(faults.apply_([p.detach() for p in params], grads))
         except BaseException:
-            self.restore()  # no weight stays corrupted by a fault that failed half-way
+            self.restore()  # no weight stays corrupted by a corruption that failed half-way (an OOM in a backup...)
             raise
         if not all(math.isfinite(gain) for gain, _ in fault_stats):
             self.restore()

@@ -38,12 +38,20 @@ class RNGState:
     devices: tuple[tuple[torch.device, Tensor], ...] = ()
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device`` with its index: a bare ``cuda`` is the current device, as torch's own RNG functions take it."""
+    device = torch.device(device)
+    if device.type == "cpu" or device.index is not None:
+        return device
+    return torch.device(device.type, torch.get_device_module(device.type).current_device())
+
+
 def rng_state(devices: Iterable[torch.device | str] = ()) -> RNGState:
     """The current state of the CPU generator and of the default generator of each non-CPU device in ``devices``."""
-    accelerators = sorted({torch.device(d) for d in devices if torch.device(d).type != "cpu"}, key=str)
+    accelerators = sorted({_indexed(d) for d in devices if torch.device(d).type != "cpu"}, key=str)
     return RNGState(
         torch.get_rng_state(),
-        tuple((d, torch.get_device_module(d.type).get_rng_state(d.index or 0)) for d in accelerators),
+        tuple((d, torch.get_device_module(d.type).get_rng_state(d.index)) for d in accelerators),
     )
 
 
@@ -51,7 +59,7 @@ def set_rng_state(state: RNGState) -> None:
     """Put every generator of ``state`` back to it."""
     torch.set_rng_state(state.cpu)
     for device, value in state.devices:
-        torch.get_device_module(device.type).set_rng_state(value, device.index or 0)
+        torch.get_device_module(device.type).set_rng_state(value, device.index)
 
 
 @contextmanager

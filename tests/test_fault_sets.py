@@ -293,3 +293,26 @@ def test_the_corruption_ignores_a_loss_scale_and_runs_under_bf16_autocast(spec):
             corrupted.append([p.detach().clone() for p in net.parameters()])
         assert all(torch.isfinite(p).all() for p in net.parameters())
     assert all(torch.equal(a, b) for a, b in zip(*corrupted))
+
+
+def test_a_non_finite_gradient_of_an_untargeted_parameter_skips_the_step_too():
+    # the bias is not quantized by int8 (1-D) but its gradient reaches the base step: it is checked too
+    net = model()
+    acr = ACR(torch.optim.SGD(net.parameters(), lr=0.1), fault="int8")
+    before = [p.detach().clone() for p in net.parameters()]
+    backward(net, *batch())
+    net[0].bias.grad[0] = math.inf
+    assert acr.perturb() is False
+    with pytest.warns(RuntimeWarning, match="skipped optimizer step"):
+        acr.step()
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_a_cast_to_a_format_no_narrower_than_the_weights_is_refused_and_fault_settings_are_always_checked():
+    weights = [nn.Parameter(torch.randn(4, 4).bfloat16())]
+    with pytest.raises(ValueError, match="already torch.bfloat16, which the cast leaves as it is"):
+        ACR(torch.optim.SGD(weights, lr=0.1), fault="bf16")
+    with pytest.raises(ValueError, match="fault_mode must be one of"):
+        ACR(torch.optim.SGD(model().parameters(), lr=0.1), fault_mode="wrost")  # no fault, still checked
+    with pytest.raises(ValueError, match=r"param group 0 acr_fault/acr_fault_mode/acr_fault_radius: fault spec 'int9'"):
+        ACR(torch.optim.SGD([{"params": model().parameters(), "acr_fault": "int9"}], lr=0.1))

@@ -105,6 +105,7 @@ def probe_target(
     """
     if not is_peft_model(model):
         return model, params
+    params = None if params is None else list(params)  # read twice below: a generator would be empty the second time
     weights = merged_parameters(model)
     base = model.get_base_model()
     if params is None:
