@@ -110,7 +110,7 @@ def norm_first_cells() -> list[float]:
     """Finding 2, converged Marian: the run x eps cells where norm is the most fragile type, all the cells, how many of
     the first are in the GPU run of seed 0, and that run's ΔL of norm and of the embedding at eps 1."""
     rows = table(RESULTS, "**marian, rank of norm among the types in each run**")
-    summary = rows[-1]["run"]
+    summary = next(r["run"] for r in rows if r["run"].startswith("norm most fragile"))
     gpu0 = next(r for r in rows if r["run"] == "seed 0, H200")
     firsts = sum(v.startswith("1 (") for k, v in gpu0.items() if k != "run")
     return [*numbers(summary)[:2], firsts, *numbers(gpu0["eps 1"])[1:]]
