@@ -525,6 +525,19 @@ def evaluation_batches(dataset: Dataset, batch_size: int, collate_fn: Callable, 
     ]
 
 
+def train_and_save(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
+    """Train (from ``--resume_from_checkpoint`` when given), save the model, the training metrics and the Trainer's
+    state, then silence the per-evaluation output of the evaluations that follow (:func:`quiet_evaluations`);
+    returns the training metrics."""
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    quiet_evaluations(trainer)
+    return result.metrics
+
+
 def quiet_evaluations(trainer: Trainer) -> None:
     """Stop the Trainer's progress bars and printed logs, for the evaluations after training: the robustness sweep
     prints one line per evaluation instead, and the recipe's summary the results (all of them go to the JSON files)."""

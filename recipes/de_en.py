@@ -45,11 +45,11 @@ from _common import (
     load_splits,
     local_tokenizer,
     parse_arguments,
-    quiet_evaluations,
     robustness_block,
     robustness_rows,
     seq2seq_from_config,
     summary,
+    train_and_save,
     train_sentencepiece_style_tokenizer,
     trainer_evaluation,
     trainer_training,
@@ -184,16 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizers=optimizers,
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     # the saved model decodes as the recipe scores it: generate() and acr-probe --metric bleu take these defaults
     model.generation_config.update(
         num_beams=training_args.generation_num_beams, max_length=training_args.generation_max_length
     )
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()
-    quiet_evaluations(trainer)
+    train_metrics = train_and_save(trainer, training_args)
 
     # Evaluation: BLEU clean, under gradient-based corruption of the weights, and under real-world faults.
     batches = evaluation_batches(
@@ -227,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             usage=USAGE.replace("{example}", raw["validation"][0]["translation"][src].replace('"', "'")),
             test_result=metrics.get("test_bleu"),
         )
-        runtime = train_result.metrics["train_runtime"]
+        runtime = train_metrics["train_runtime"]
         lines = [
             f"training: {args.training_kind}, {len(data['train']):,} pairs, {runtime:.0f} s",
             f"model:    {type(model).__name__}, {model.num_parameters():,} parameters",

@@ -43,10 +43,10 @@ from _common import (
     load_text_file,
     local_tokenizer,
     parse_arguments,
-    quiet_evaluations,
     robustness_block,
     robustness_rows,
     summary,
+    train_and_save,
     train_byte_level_tokenizer,
     trainer_evaluation,
     trainer_training,
@@ -221,12 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizers=optimizers,
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()
-    quiet_evaluations(trainer)
+    train_metrics = train_and_save(trainer, training_args)
 
     # Evaluation: perplexity clean, under gradient-based corruption of the weights, and under real-world faults.
     batches = evaluation_batches(
@@ -263,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         lines = [
             (
                 f"training: {args.training_kind}, {len(data['train']):,} blocks of {block_size} tokens, "
-                f"{train_result.metrics['train_runtime']:.0f} s"
+                f"{train_metrics['train_runtime']:.0f} s"
             ),
             f"model:    {type(model).__name__}, {model.num_parameters():,} parameters",
         ]
