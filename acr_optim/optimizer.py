@@ -593,7 +593,12 @@ class ACR(Optimizer):
         else:
             if self._pending is not None:
                 raise RuntimeError("step(closure) while perturbed: call restore() first")
-            rng = rng_state({p.device for group in self.param_groups for p in group["params"]})
+            # only a corrupting step replays (perturb() returns False on the others of interval > 1): no capture there
+            rng = (
+                rng_state({p.device for g in self.param_groups for p in g["params"]})
+                if self.corrupts_this_step
+                else None
+            )
             with torch.enable_grad():
                 loss = closure()
             finite = _is_finite(loss)
